@@ -1,0 +1,491 @@
+"""The phases of an organization move, as plain functions over a :class:`MoveContext`.
+
+Airflow operators call these (one per task) and so does the CLI; they know nothing of Airflow.
+Every phase reads and writes its state in :mod:`orgmover.tracking`, so it can be retried and
+resumes from what is recorded. Invariants:
+
+* preflight and dry run change nothing anywhere;
+* rows are copied only while the org is in maintenance owned by this migration;
+* the route moves to the target only after validation passed, in one compare-and-set that also
+  lifts maintenance, so an org is never half-routed;
+* a failure before the switch lifts maintenance and leaves the route on the source (``release``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import psycopg
+
+from orgmover import report
+from orgmover.catalog import Catalog, load_dictionary, read_catalog
+from orgmover.cells import Cell, check_cell_name
+from orgmover.errors import (ClassificationError, ConfigError, OrgMoverError, PreflightError, StateError,
+                             ValidationFailed)
+from orgmover.pgcopy import (check_shared_matches, copy_org_table, delete_org_rows, key_collisions, org_stats,
+                             sync_shared_table)
+from orgmover.plan import Plan, Planner, qi
+from orgmover.topology import NotFound, TopologyClient, VersionConflict
+from orgmover.tracking import Tracking
+from orgmover.validation import fk_violations, validate_table
+
+log = logging.getLogger("orgmover.mover")
+
+
+@dataclass
+class MoveContext:
+    tracking: Tracking
+    topology: TopologyClient
+    resolve_cell: Callable[[str], Cell]
+    dictionary_dir: Path
+    reports_dir: Path
+    log: Callable[[str], None] = field(default=log.info)
+
+    def cell(self, name: str) -> Cell:
+        return self.resolve_cell(check_cell_name(name))
+
+    def owner(self, mid: int) -> str:
+        return f"orgmover-migration-{mid}"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _root_table(plan_or_dict: dict) -> tuple[str, str]:
+    for e in plan_or_dict.values():
+        if e.sharding_key and len(e.sharding_key) == 1:
+            col, ref = next(iter(e.sharding_key.items()))
+            if ref == e.table_name:
+                return e.table_name, col
+    raise ConfigError("the table dictionary names no sharding root (a table whose sharding_key points at itself)")
+
+
+def _catalog_and_plan(conn: psycopg.Connection, dictionary: dict, org_id: int) -> tuple[Catalog, Plan]:
+    catalog = read_catalog(conn)
+    return catalog, Planner(catalog, dictionary, conn).build(org_id)
+
+
+def load_plan(ctx: MoveContext, mid: int) -> Plan:
+    m = ctx.tracking.get(mid)
+    if not m["plan"]:
+        raise StateError(f"migration {mid} has no plan yet; run the plan phase first")
+    return Plan.from_dict(m["plan"])
+
+
+def _phase(ctx: MoveContext, mid: int, phase: str):
+    class _P:
+        def __enter__(self):
+            ctx.tracking.phase_started(mid, phase)
+            return self
+
+        def __exit__(self, et, ev, tb):
+            ctx.tracking.phase_finished(mid, phase, "failed" if et else "succeeded")
+            if et is not None:
+                ctx.tracking.event(mid, "error", f"{phase}: {ev}")
+            return False
+    return _P()
+
+
+# ------------------------------------------------------------------------------------------ preflight
+@dataclass
+class PreflightResult:
+    migration_id: int | None
+    problems: list[str]
+    notes: list[str]
+    plan: Plan | None = None
+    route_version: int | None = None
+
+
+def run_checks(ctx: MoveContext, org_id: int, source: str, target: str) -> PreflightResult:
+    """All read-only preflight checks. Returns problems instead of raising, for the dry-run report."""
+    problems: list[str] = []
+    notes: list[str] = []
+    if not isinstance(org_id, int) or isinstance(org_id, bool) or org_id < 1:
+        return PreflightResult(None, [f"organization id must be a positive integer, got {org_id!r}"], notes)
+    try:
+        check_cell_name(source)
+        check_cell_name(target)
+    except ConfigError as e:
+        return PreflightResult(None, [str(e)], notes)
+    if source == target:
+        return PreflightResult(None, [f"source and target are the same cell ({source})"], notes)
+    known = {c["name"] for c in ctx.topology.cells()}
+    for name, role in ((source, "source"), (target, "target")):
+        if name not in known:
+            problems.append(f"unknown {role} cell {name!r}: the Topology Service knows {', '.join(sorted(known)) or 'no cells'}")
+    if problems:
+        return PreflightResult(None, problems, notes)
+    try:
+        src_cell, dst_cell = ctx.cell(source), ctx.cell(target)
+        src, dst = src_cell.connect(), dst_cell.connect()
+    except ConfigError as e:
+        return PreflightResult(None, [str(e)], notes)
+    with src, dst:
+        dictionary = load_dictionary(ctx.dictionary_dir)
+        src_cat, dst_cat = read_catalog(src), read_catalog(dst)
+        if src_cat.schema_version != dst_cat.schema_version:
+            problems.append(f"schema versions differ: {source} is at {src_cat.schema_version}, "
+                            f"{target} is at {dst_cat.schema_version}; migrate both cells to the same version first")
+        elif src_cat.fingerprint() != dst_cat.fingerprint():
+            diff = sorted({t for t, _ in src_cat.fingerprint()} ^ {t for t, _ in dst_cat.fingerprint()})
+            problems.append(f"schemas differ although both are at version {src_cat.schema_version}"
+                            + (f" (tables only on one side: {', '.join(diff)})" if diff else " (column definitions differ)"))
+        root, root_col = _root_table(dictionary)
+        if not src.execute(f"SELECT 1 FROM {qi(root)} WHERE {qi(root_col)} = %s", (org_id,)).fetchone():
+            problems.append(f"organization {org_id} does not exist on source cell {source}")
+        route_version = None
+        try:
+            route = ctx.topology.route(org_id)
+            route_version = route["version"]
+            if route["cell"] != source:
+                problems.append(f"organization {org_id} is routed to cell {route['cell']}, not to source {source}"
+                                + (" (already moved)" if route["cell"] == target else ""))
+        except NotFound:
+            route = None
+            problems.append(f"organization {org_id} has no route in the Topology Service")
+        active = ctx.tracking.active_for_org(org_id)
+        if active and (active["source_cell"], active["target_cell"]) != (source, target):
+            problems.append(f"organization {org_id} has an unfinished migration #{active['id']} "
+                            f"({active['source_cell']} -> {active['target_cell']}, {active['state']}); "
+                            f"roll it back first (orgmover rollback {active['id']})")
+            active = None
+        if route and route.get("maintenance") and (not active or route.get("maintenance_owner") != ctx.owner(active["id"])):
+            problems.append(f"organization {org_id} is in maintenance held by {route.get('maintenance_owner') or 'someone else'}")
+        plan = None
+        try:
+            _, plan = _catalog_and_plan(src, dictionary, org_id)
+        except ClassificationError as e:
+            problems.extend(e.problems)
+        if plan is not None and not problems:
+            problems.extend(check_shared_matches(src, dst, plan))
+            adopt = active is not None
+            for tp in plan.of("org"):
+                n, sample = key_collisions(src, dst, tp)
+                if n and adopt:
+                    notes.append(f"{tp.table}: {n} rows already on the target from migration #{active['id']}; "
+                                 f"they are replaced")
+                elif n:
+                    problems.append(f"id collision: {n} rows of organization {org_id} in {tp.table} already exist on "
+                                    f"{target} (keys {', '.join(sample)})")
+        return PreflightResult(active["id"] if active else None, problems, notes, plan, route_version)
+
+
+def preflight(ctx: MoveContext, org_id: int, source: str, target: str, run_id: str | None = None) -> int:
+    """Run every check; on success create (or adopt an unfinished) migration. Changes no cell."""
+    res = run_checks(ctx, org_id, source, target)
+    for n in res.notes:
+        ctx.log(n)
+    if res.problems:
+        raise PreflightError(res.problems)
+    if res.migration_id is not None:
+        m = ctx.tracking.update(res.migration_id, dag_run_id=run_id, error=None)
+        ctx.tracking.event(m["id"], "info", f"adopted by run {run_id}: resuming ({m['state']})")
+        ctx.log(f"resuming migration #{m['id']} of organization {org_id} ({m['state']})")
+    else:
+        m = ctx.tracking.create(org_id, source, target, run_id)
+        ctx.tracking.event(m["id"], "info", f"created by run {run_id}")
+        ctx.log(f"created migration #{m['id']}: organization {org_id} {source} -> {target}")
+    ctx.tracking.phase_started(m["id"], "preflight")
+    ctx.tracking.phase_finished(m["id"], "preflight")
+    return m["id"]
+
+
+# ------------------------------------------------------------------------------------------ plan
+def make_plan(ctx: MoveContext, mid: int) -> list[str]:
+    """Plan every table, record it, and return the org tables to copy (the map of the copy phase)."""
+    m = ctx.tracking.get(mid)
+    with _phase(ctx, mid, "plan"):
+        with ctx.cell(m["source_cell"]).connect() as src:
+            _, plan = _catalog_and_plan(src, load_dictionary(ctx.dictionary_dir), m["organization_id"])
+            for tp in plan.tables.values():
+                if tp.strategy != "skip":
+                    tp.est_rows, tp.est_bytes = org_stats(src, tp)
+        ctx.tracking.update(mid, plan=plan.to_dict())
+        ctx.tracking.init_tables(mid, [(t.table, t.strategy) for t in plan.tables.values() if t.strategy != "skip"])
+        if m["state"] == "created":
+            ctx.tracking.transition(mid, "planned", ("created",))
+        rows = sum(t.est_rows for t in plan.of("org"))
+        ctx.log(f"plan: {len(plan.of('org'))} org tables ({rows:,} rows), {len(plan.of('shared'))} shared, "
+                f"{len(plan.of('skip'))} never copied")
+    return sorted(t.table for t in plan.of("org"))
+
+
+# ------------------------------------------------------------------------------------------ dry run
+def measure_throughput(conn: psycopg.Connection, plan: Plan, sample_bytes: int = 8 << 20) -> float:
+    """Bytes/s of streaming the org's largest table out of the source (a short sample)."""
+    tables = sorted(plan.of("org"), key=lambda t: t.est_bytes, reverse=True)
+    if not tables or tables[0].est_bytes == 0:
+        return 0.0
+    tp = tables[0]
+    n, t0 = 0, time.monotonic()
+    with conn.cursor() as cur:
+        with cur.copy(f"COPY ({tp.select_sql()}) TO STDOUT (FORMAT binary)") as cp:
+            for data in cp:
+                n += len(data)
+                if n >= sample_bytes:
+                    break
+    return n / max(time.monotonic() - t0, 1e-6)
+
+
+def dry_run(ctx: MoveContext, org_id: int, source: str, target: str) -> tuple[Path, list[str]]:
+    """Check and plan without changing anything; write a readable report. Returns (path, problems)."""
+    res = run_checks(ctx, org_id, source, target)
+    rate = 0.0
+    if res.plan is not None:
+        with ctx.cell(source).connect() as src:
+            for tp in res.plan.tables.values():
+                if tp.strategy != "skip":
+                    tp.est_rows, tp.est_bytes = org_stats(src, tp)
+            rate = measure_throughput(src, res.plan)
+    text = report.dry_run_report(org_id, source, target, res.plan, res.problems, res.notes, rate)
+    ctx.reports_dir.mkdir(parents=True, exist_ok=True)
+    path = ctx.reports_dir / f"dry-run-org-{org_id}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.txt"
+    path.write_text(text)
+    ctx.log(text)
+    return path, res.problems
+
+
+# ------------------------------------------------------------------------------------------ quiesce
+def maintenance_on(ctx: MoveContext, mid: int) -> None:
+    """Block the org's writes: maintenance on in the Topology Service, owned by this migration."""
+    m = ctx.tracking.get(mid)
+    org = m["organization_id"]
+    with _phase(ctx, mid, "quiesce"):
+        route = ctx.topology.route(org)
+        if route["cell"] != m["source_cell"]:
+            raise StateError(f"organization {org} is routed to {route['cell']}, expected {m['source_cell']}")
+        if route["maintenance"]:
+            if route.get("maintenance_owner") != ctx.owner(mid):
+                raise StateError(f"organization {org} is in maintenance held by {route.get('maintenance_owner')}")
+            ctx.log(f"organization {org} already in maintenance for migration #{mid} (window {m['maintenance_window']})")
+            return
+        new = ctx.topology.update_route(org, route["version"], maintenance=True, maintenance_owner=ctx.owner(mid),
+                                        reason=f"moving to {m['target_cell']}")
+        # a new window: anything copied in an earlier window may be stale and is copied again
+        ctx.tracking.transition(mid, "quiesced", ("planned", "failed", "quiesced", "copying", "copied", "validating", "validated"),
+                                maintenance_window=m["maintenance_window"] + 1,
+                                maintenance_started_at=datetime.now(timezone.utc), maintenance_ended_at=None,
+                                route_version=new["version"], error=None)
+        ctx.tracking.event(mid, "info", f"maintenance on (route version {new['version']})")
+        ctx.log(f"organization {org}: writes blocked, maintenance on (route version {new['version']})")
+
+
+def _require_maintenance(ctx: MoveContext, m: dict) -> None:
+    route = ctx.topology.route(m["organization_id"])
+    if not route["maintenance"] or route.get("maintenance_owner") != ctx.owner(m["id"]):
+        raise StateError(f"organization {m['organization_id']} is not in maintenance for migration #{m['id']}; "
+                         f"rows are only copied while writes are blocked (re-run from the quiesce step)")
+
+
+# ------------------------------------------------------------------------------------------ copy
+def prepare_target(ctx: MoveContext, mid: int) -> None:
+    """Remove rows an earlier maintenance window of this migration left on the target, and copy the
+    shared rows (users, LFS objects, pools) the org references."""
+    m = ctx.tracking.get(mid)
+    _require_maintenance(ctx, m)
+    plan = load_plan(ctx, mid)
+    window = m["maintenance_window"]
+    ctx.tracking.phase_started(mid, "copy")  # finished by check_foreign_keys
+    if True:
+        stale = [t["table_name"] for t in ctx.tracking.tables(mid)
+                 if t["strategy"] == "org" and t["state"] != "pending" and t["copied_in_window"] != window]
+        src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+        with src_cell.connect() as src, dst_cell.connect() as dst:
+            if stale or m["state"] == "failed":
+                # rows of this org on the target can only be ours: preflight refused any collision
+                counts = delete_org_rows(dst, plan, [t.table for t in plan.of("org")], logger=ctx.log, source=src)
+                ctx.tracking.reset_tables(mid)
+                ctx.tracking.event(mid, "info", f"removed {sum(counts.values())} rows of an earlier attempt from the target")
+            ctx.tracking.transition(mid, "copying", ("quiesced", "copying", "failed", "copied", "validating", "validated"))
+            for tp in plan.shared_in_order():
+                res = sync_shared_table(src, dst, plan, tp, src_cell.key, dst_cell.key, logger=ctx.log)
+                ctx.tracking.update_table(mid, tp.table, state="copied", copied_in_window=window,
+                                          rows_copied=res["inserted"])
+
+
+def copy_table(ctx: MoveContext, mid: int, table: str) -> dict:
+    """Copy one org table (one target transaction). Skips a table already copied in this window."""
+    m = ctx.tracking.get(mid)
+    _require_maintenance(ctx, m)
+    plan = load_plan(ctx, mid)
+    tp = plan.tables.get(table)
+    if tp is None or tp.strategy != "org":
+        raise StateError(f"{table} is not an org table of migration #{mid}")
+    row = ctx.tracking.table(mid, table)
+    if row["state"] == "copied" and row["copied_in_window"] == m["maintenance_window"]:
+        ctx.log(f"{table}: already copied in this maintenance window ({row['rows_copied']:,} rows), skipping")
+        return {"table": table, "rows": row["rows_copied"], "skipped": True}
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    ctx.tracking.update_table(mid, table, state="copying", error=None)
+    try:
+        with src_cell.connect() as src, dst_cell.connect() as dst:
+            res = copy_org_table(src, dst, plan, tp, src_cell.key, dst_cell.key, tp.est_rows, tp.est_bytes, logger=ctx.log)
+    except Exception as e:
+        ctx.tracking.update_table(mid, table, state="failed", error=str(e)[:2000])
+        raise
+    ctx.tracking.update_table(mid, table, state="copied", copied_in_window=m["maintenance_window"], rows_copied=res.rows,
+                              bytes_copied=res.bytes, copy_seconds=res.seconds)
+    return {"table": table, "rows": res.rows, "bytes": res.bytes}
+
+
+def check_foreign_keys(ctx: MoveContext, mid: int) -> None:
+    """Every foreign key of the org's rows on the target points at an existing row."""
+    m = ctx.tracking.get(mid)
+    plan = load_plan(ctx, mid)
+    not_copied = [t["table_name"] for t in ctx.tracking.tables(mid)
+                  if t["strategy"] == "org" and (t["state"] != "copied" or t["copied_in_window"] != m["maintenance_window"])]
+    if not_copied:
+        raise StateError(f"tables not copied in this maintenance window: {', '.join(not_copied)}")
+    with ctx.cell(m["target_cell"]).connect() as dst:
+        problems = fk_violations(dst, plan, read_catalog(dst))
+    if problems:
+        raise ValidationFailed("foreign keys of the organization's rows are broken on the target:\n  - " + "\n  - ".join(problems))
+    ctx.tracking.transition(mid, "copied", ("copying", "copied"))
+    ctx.tracking.phase_finished(mid, "copy")
+    ctx.tracking.phase_started(mid, "validate")  # finished by go_no_go
+    ctx.log(f"foreign keys of organization {m['organization_id']} on {m['target_cell']}: all resolved")
+
+
+# ------------------------------------------------------------------------------------------ validate
+def validate_one(ctx: MoveContext, mid: int, table: str) -> dict:
+    m = ctx.tracking.get(mid)
+    plan = load_plan(ctx, mid)
+    tp = plan.tables[table]
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    if m["state"] in ("copied",):
+        ctx.tracking.transition(mid, "validating", ("copied", "validating"))
+    t0 = time.monotonic()
+    res = validate_table(src_cell.connect, dst_cell.connect, tp, src_cell.key, dst_cell.key)
+    ctx.tracking.update_table(mid, table, source_rows=res.source_rows, target_rows=res.target_rows,
+                              source_checksum=res.source_checksum, target_checksum=res.target_checksum,
+                              validation_state="passed" if res.ok else "failed", validation_detail=res.to_dict())
+    ctx.log(f"validate {table}: {res.source_rows:,} rows on source, {res.target_rows:,} on target, "
+            f"{'match' if res.ok else 'MISMATCH'} ({time.monotonic() - t0:.2f}s)")
+    if res.diff:
+        d = res.diff
+        ctx.log(f"  row diff {table}: matching {d['matching']}, mismatched {d['mismatched']} {d['samples']['mismatched']}, "
+                f"missing on target {d['missing_on_target']} {d['samples']['missing_on_target']}, "
+                f"extra on target {d['extra_on_target']} {d['samples']['extra_on_target']}")
+    return {"table": table, "ok": res.ok}
+
+
+def go_no_go(ctx: MoveContext, mid: int) -> Path:
+    """Aggregate validation; write the readable validation report; fail on any difference."""
+    m = ctx.tracking.get(mid)
+    tables = [t for t in ctx.tracking.tables(mid) if t["strategy"] in ("org", "shared")]
+    pending = [t["table_name"] for t in tables if t["validation_state"] == "pending"]
+    failed = [t for t in tables if t["validation_state"] == "failed"]
+    text = report.validation_report(m, tables)
+    ctx.reports_dir.mkdir(parents=True, exist_ok=True)
+    path = ctx.reports_dir / f"migration-{mid}-validation.txt"
+    path.write_text(text)
+    ok = not pending and not failed
+    ctx.tracking.update(mid, validation={"ok": ok, "report": str(path), "failed": [t["table_name"] for t in failed],
+                                         "pending": pending})
+    ctx.log(text)
+    if pending:
+        raise ValidationFailed(f"tables not validated: {', '.join(pending)} (report: {path})")
+    if failed:
+        raise ValidationFailed(f"{len(failed)} tables differ between cells: "
+                               f"{', '.join(t['table_name'] for t in failed)}; route not switched (report: {path})")
+    ctx.tracking.transition(mid, "validated", ("validating", "copied", "validated"))
+    ctx.tracking.phase_finished(mid, "validate")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ switchover
+def switchover(ctx: MoveContext, mid: int) -> dict:
+    """Route the org to the target and lift maintenance in one compare-and-set."""
+    m = ctx.tracking.get(mid)
+    org = m["organization_id"]
+    if m["state"] == "completed":
+        return ctx.topology.route(org)
+    with _phase(ctx, mid, "switchover"):
+        if m["state"] not in ("validated", "switching"):
+            raise StateError(f"migration #{mid} is {m['state']}; only a validated migration is switched")
+        route = ctx.topology.route(org)
+        if route["cell"] == m["target_cell"] and not route["maintenance"]:
+            new = route  # an earlier attempt switched and lost the answer
+        else:
+            if route["cell"] != m["source_cell"] or route.get("maintenance_owner") != ctx.owner(mid):
+                raise StateError(f"route of organization {org} changed under the migration: {route}")
+            ctx.tracking.transition(mid, "switching", ("validated", "switching"))
+            try:
+                new = ctx.topology.update_route(org, route["version"], cell=m["target_cell"], maintenance=False,
+                                                reason=f"moved from {m['source_cell']} by migration #{mid}")
+            except VersionConflict as e:
+                raise StateError(f"route of organization {org} changed concurrently: {e.current}") from e
+        now = datetime.now(timezone.utc)
+        ctx.tracking.transition(mid, "completed", ("switching", "validated"), switched_at=now, maintenance_ended_at=now,
+                                route_version=new["version"])
+        ctx.tracking.event(mid, "info", f"routed to {m['target_cell']} (route version {new['version']}), maintenance off")
+        ctx.log(f"organization {org} now routed to {m['target_cell']} (route version {new['version']}); writes open")
+    return new
+
+
+def release(ctx: MoveContext, mid: int | None) -> str:
+    """After the run, whatever happened: an unfinished migration lifts its maintenance; the route stays."""
+    if mid is None:
+        return "no migration"
+    m = ctx.tracking.get(mid)
+    if m["state"] in ("completed", "rolled_back"):
+        return m["state"]
+    org = m["organization_id"]
+    route = ctx.topology.route(org)
+    if route["maintenance"] and route.get("maintenance_owner") == ctx.owner(mid):
+        if route["cell"] != m["source_cell"]:
+            raise StateError(f"organization {org} is routed to {route['cell']} while migration #{mid} is {m['state']}")
+        ctx.topology.update_route(org, route["version"], maintenance=False, reason=f"migration #{mid} did not complete")
+        ctx.log(f"organization {org}: maintenance lifted, route stays on {m['source_cell']}")
+    with ctx.tracking.conn() as c:
+        c.execute("UPDATE orgmover.phases SET state = 'failed', finished_at = now() WHERE migration_id = %s "
+                  "AND state = 'running'", (mid,))
+    if m["state"] != "failed":
+        ctx.tracking.transition(mid, "failed", tuple(s for s in ("created", "planned", "quiesced", "copying", "copied", "validating",
+                                                                  "validated", "switching")),
+                                maintenance_ended_at=datetime.now(timezone.utc),
+                                error=m["error"] or "the run did not complete")
+    ctx.tracking.event(mid, "warning", "released: maintenance off, route unchanged, target rows kept for resume or rollback")
+    return "failed"
+
+
+def rollback(ctx: MoveContext, mid: int) -> dict[str, int]:
+    """Undo an unfinished migration: remove the org's rows from the target; route stays on the source."""
+    m = ctx.tracking.get(mid)
+    if m["state"] == "completed":
+        raise StateError(f"migration #{mid} already switched the route to {m['target_cell']}; "
+                         f"moving back is a new migration ({m['target_cell']} -> {m['source_cell']})")
+    if m["state"] == "rolled_back":
+        return {}
+    route = ctx.topology.route(m["organization_id"])
+    if route["cell"] != m["source_cell"]:
+        raise StateError(f"organization {m['organization_id']} is routed to {route['cell']}; refusing to delete target rows")
+    release(ctx, mid)
+    counts: dict[str, int] = {}
+    if m["plan"]:
+        plan = Plan.from_dict(m["plan"])
+        with ctx.cell(m["target_cell"]).connect() as dst, ctx.cell(m["source_cell"]).connect() as src:
+            counts = delete_org_rows(dst, plan, logger=ctx.log, source=src)
+    ctx.tracking.reset_tables(mid)
+    ctx.tracking.transition(mid, "rolled_back", ("failed",))
+    ctx.tracking.event(mid, "info", f"rolled back: {sum(counts.values())} rows removed from {m['target_cell']}")
+    return counts
+
+
+def summary(ctx: MoveContext, mid: int) -> tuple[dict, str]:
+    m = ctx.tracking.get(mid)
+    tables = ctx.tracking.tables(mid)
+    phases = ctx.tracking.phases(mid)
+    route = None
+    try:
+        route = ctx.topology.route(m["organization_id"])
+    except OrgMoverError:
+        pass
+    data, text = report.summary(m, tables, phases, route)
+    ctx.tracking.update(mid, summary=data)
+    ctx.reports_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.reports_dir / f"migration-{mid}-summary.txt").write_text(text)
+    return data, text

@@ -1,0 +1,307 @@
+"""Copy an organization's rows between two cells with COPY streaming.
+
+* Plain tables: ``COPY (SELECT ... WHERE <org predicate>) TO STDOUT (FORMAT binary)`` on the source
+  streams straight into ``COPY t (...) FROM STDIN (FORMAT binary)`` on the target; rows are never
+  held in memory, only one buffer at a time.
+* Tables with columns to rewrite (remapped references to shared rows, encrypted secrets) go
+  through the text format row by row: decrypt with the source key, encrypt with the target key
+  (fresh IV), in memory only.
+* Each table is one target transaction with ``session_replication_role = replica`` (foreign keys
+  are checked for the org's rows afterwards, see :mod:`orgmover.validation`): a failure leaves
+  nothing of that table behind, so a retry starts clean.
+* Shared rows (users, lfs_objects, pool_repositories, shards) are matched on the target by their
+  ``match_on`` columns; missing ones are inserted, existing ones reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import psycopg
+
+from orgmover.errors import CopyError, PreflightError
+from orgmover.plan import Plan, TablePlan, qi
+from orgmover.secrets import ColumnSpec
+
+log = logging.getLogger("orgmover.pgcopy")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class Progress:
+    """Logs rows/bytes done, rate and ETA at most every ``every`` seconds."""
+
+    def __init__(self, label: str, total_rows: int = 0, total_bytes: int = 0, every: float = 5.0,
+                 logger: Callable[[str], None] | None = None):
+        self.label, self.total_rows, self.total_bytes, self.every = label, total_rows, total_bytes, every
+        self.rows = self.bytes = 0
+        self.start = self.last = time.monotonic()
+        self.logger = logger or log.info
+
+    def add(self, rows: int = 0, nbytes: int = 0) -> None:
+        self.rows += rows
+        self.bytes += nbytes
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.logger(self.line())
+
+    def line(self, final: bool = False) -> str:
+        el = max(time.monotonic() - self.start, 1e-6)
+        rate = self.bytes / el
+        eta = ""
+        if not final and self.total_bytes and rate > 0:
+            eta = f", ETA {max(self.total_bytes - self.bytes, 0) / rate:.0f}s"
+        rows = f"{self.rows:,} rows" + (f"/{self.total_rows:,}" if self.total_rows and not final else "")
+        return f"{self.label}: {rows}, {_fmt_bytes(self.bytes)} in {el:.1f}s ({_fmt_bytes(rate)}/s{eta})"
+
+
+@dataclass
+class CopyResult:
+    table: str
+    rows: int
+    bytes: int
+    seconds: float
+
+
+# ---------------------------------------------------------------------------- statistics
+def org_stats(conn: psycopg.Connection, tp: TablePlan) -> tuple[int, int]:
+    """Exact number of the org's rows in a table and their size in bytes."""
+    row = conn.execute(f"SELECT count(*), coalesce(sum(pg_column_size(t.*)), 0) FROM {qi(tp.table)} t WHERE {tp.where}").fetchone()
+    return int(row[0]), int(row[1])
+
+
+# ---------------------------------------------------------------------------- rewriting rows
+def remap_tables(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan, tp: TablePlan) -> dict[str, dict[str, str]]:
+    """For each remapped column of ``tp``: source id -> target id of the shared row with the same match key."""
+    maps: dict[str, dict[str, str]] = {}
+    for r in tp.remaps:
+        shared = plan.tables[r.table]
+        match = ", ".join(f"s.{qi(c)}" for c in r.match_on)
+        src_rows = src.execute(
+            f"SELECT s.{qi(r.ref_column)}::text, {match} FROM {qi(r.table)} s "
+            f"WHERE s.{qi(r.ref_column)} IN (SELECT t.{qi(r.column)} FROM {qi(tp.table)} t WHERE {tp.where})").fetchall()
+        mapping: dict[str, str] = {}
+        if src_rows:
+            keys = [tuple(row[1:]) for row in src_rows]
+            tgt = {}
+            for i in range(0, len(keys), 5000):
+                batch = keys[i:i + 5000]
+                cond = " OR ".join(["(" + " AND ".join(f"{qi(c)} = %s" for c in r.match_on) + ")"] * len(batch))
+                params = [v for k in batch for v in k]
+                for row in dst.execute(f"SELECT {qi(r.ref_column)}::text, {', '.join(qi(c) for c in r.match_on)} "
+                                       f"FROM {qi(r.table)} WHERE {cond}", params):
+                    tgt[tuple(row[1:])] = row[0]
+            missing = [k for k in keys if k not in tgt]
+            if missing:
+                raise CopyError(f"{tp.table}.{r.column}: {len(missing)} referenced {r.table} rows have no match on the "
+                                f"target by {', '.join(r.match_on)} (e.g. {missing[0]}); "
+                                f"{'configure a mapping' if not shared.insert_missing else 'copy shared rows first'}")
+            mapping = {row[0]: tgt[tuple(row[1:])] for row in src_rows}
+        maps[r.column] = mapping
+    return maps
+
+
+def row_transformer(tp: TablePlan, columns: list[str], maps: dict[str, dict[str, str]],
+                    src_key: bytes | None, dst_key: bytes | None) -> Callable[[tuple], tuple]:
+    idx = {c: i for i, c in enumerate(columns)}
+    remaps = [(idx[col], m) for col, m in maps.items() if col in idx]
+    specs = [ColumnSpec.from_doc(s) for s in tp.encrypted]
+    if specs and (src_key is None or dst_key is None):
+        raise CopyError(f"{tp.table} has encrypted columns but the key of the source or target cell is not configured")
+    enc = [(s, idx[s.column], idx.get(s.iv_column) if s.iv_column else None) for s in specs]
+
+    def transform(row: tuple) -> tuple:
+        out = list(row)
+        for i, m in remaps:
+            v = out[i]
+            if v is not None:
+                out[i] = m[v]
+        for spec, vi, ivi in enc:
+            value, iv = spec.reencrypt(src_key, dst_key, out[vi], out[ivi] if ivi is not None else None)
+            out[vi] = value
+            if ivi is not None:
+                out[ivi] = iv
+        return tuple(out)
+
+    return transform
+
+
+# ---------------------------------------------------------------------------- streaming
+def stream_rows(src: psycopg.Connection, dst_cur: psycopg.Cursor, select_sql: str, copy_in_sql: str,
+                progress: Progress, transform: Callable[[tuple], tuple] | None) -> int:
+    """Stream the rows of ``select_sql`` on ``src`` into ``copy_in_sql`` on the target cursor."""
+    rows = 0
+    with src.cursor() as scur:
+        if transform is None:
+            with scur.copy(f"COPY ({select_sql}) TO STDOUT (FORMAT binary)") as cin, \
+                    dst_cur.copy(f"{copy_in_sql} (FORMAT binary)") as cout:
+                for data in cin:
+                    cout.write(data)
+                    progress.add(0, len(data))
+            rows = dst_cur.rowcount
+            progress.add(rows, 0)
+        else:
+            with scur.copy(f"COPY ({select_sql}) TO STDOUT") as cin, dst_cur.copy(copy_in_sql) as cout:
+                for row in cin.rows():
+                    out = transform(row)
+                    cout.write_row(out)
+                    rows += 1
+                    progress.add(1, sum(len(v) for v in out if v is not None) + len(out))
+    return rows
+
+
+def copy_org_table(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan, tp: TablePlan,
+                   src_key: bytes | None = None, dst_key: bytes | None = None, est_rows: int = 0, est_bytes: int = 0,
+                   logger: Callable[[str], None] | None = None) -> CopyResult:
+    """Copy the org's rows of one table in one target transaction."""
+    if tp.strategy != "org":
+        raise CopyError(f"{tp.table} is a {tp.strategy} table, not copied as org rows")
+    progress = Progress(f"copy {tp.table}", est_rows, est_bytes, logger=logger)
+    cols = ", ".join(qi(c) for c in tp.columns)
+    t0 = time.monotonic()
+    try:
+        transform = None
+        if tp.needs_transform:
+            transform = row_transformer(tp, tp.columns, remap_tables(src, dst, plan, tp), src_key, dst_key)
+        src.commit()  # one statement reads the table: it sees one snapshot
+        with src.transaction(), dst.transaction():
+            with dst.cursor() as dcur:
+                dcur.execute("SET LOCAL session_replication_role = replica")
+                rows = stream_rows(src, dcur, tp.select_sql(), f"COPY {qi(tp.table)} ({cols}) FROM STDIN",
+                                   progress, transform)
+    except psycopg.errors.UniqueViolation as e:
+        raise CopyError(f"{tp.table}: a row of the organization already exists on the target "
+                        f"({e.diag.message_detail or e}); nothing of this table was written") from e
+    except psycopg.Error as e:
+        raise CopyError(f"{tp.table}: copy failed, nothing of this table was written: {str(e).strip()}") from e
+    (logger or log.info)(progress.line(final=True))
+    return CopyResult(tp.table, rows, progress.bytes, time.monotonic() - t0)
+
+
+def sync_shared_table(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan, tp: TablePlan,
+                      src_key: bytes | None = None, dst_key: bytes | None = None,
+                      logger: Callable[[str], None] | None = None) -> dict:
+    """Make every shared row the org references exist on the target (matched on ``match_on``)."""
+    progress = Progress(f"shared {tp.table}", logger=logger)
+    cols = ", ".join(qi(c) for c in tp.columns)
+    match = " AND ".join(f"x.{qi(c)} = s.{qi(c)}" for c in tp.match_on)
+    transform = None
+    if tp.needs_transform:
+        transform = row_transformer(tp, tp.columns, remap_tables(src, dst, plan, tp), src_key, dst_key)
+    with src.transaction(), dst.transaction():
+        with dst.cursor() as dcur:
+            dcur.execute(f"CREATE TEMP TABLE _om_stage (LIKE {qi(tp.table)}) ON COMMIT DROP")
+            # a stage row needs a transform (e.g. encryption) only when it is really inserted, but
+            # rewriting all referenced rows keeps the code path single; the set is small.
+            referenced = stream_rows(src, dcur, tp.select_sql(), f"COPY _om_stage ({cols}) FROM STDIN", progress,
+                                     transform if transform else None)
+            missing = dcur.execute(f"SELECT {', '.join('s.' + qi(c) for c in tp.match_on)} FROM _om_stage s "
+                                   f"WHERE NOT EXISTS (SELECT 1 FROM {qi(tp.table)} x WHERE {match}) LIMIT 6").fetchall()
+            inserted = 0
+            if missing and not tp.insert_missing:
+                raise CopyError(f"{tp.table}: the target cell has no row matching {', '.join(tp.match_on)} = "
+                                f"{', '.join(str(m[0] if len(m) == 1 else m) for m in missing[:5])}; configure a mapping")
+            if missing:
+                dcur.execute("SET LOCAL session_replication_role = replica")
+                dcur.execute(f"INSERT INTO {qi(tp.table)} ({cols}) SELECT {cols} FROM _om_stage s "
+                             f"WHERE NOT EXISTS (SELECT 1 FROM {qi(tp.table)} x WHERE {match}) ON CONFLICT DO NOTHING")
+                inserted = dcur.rowcount
+                still = dcur.execute(f"SELECT {', '.join('s.' + qi(c) for c in tp.key)} FROM _om_stage s WHERE NOT EXISTS "
+                                     f"(SELECT 1 FROM {qi(tp.table)} x WHERE {match}) LIMIT 5").fetchall()
+                if still:
+                    raise CopyError(f"{tp.table}: rows {still} could not be inserted on the target: their "
+                                    f"{', '.join(tp.key)} is taken by a different row (id collision)")
+    (logger or log.info)(f"shared {tp.table}: {referenced} referenced, {inserted} inserted, {referenced - inserted} already on target")
+    return {"referenced": referenced, "inserted": inserted}
+
+
+# ---------------------------------------------------------------------------- preflight helpers
+def key_collisions(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, batch: int = 20000,
+                   samples: int = 5) -> tuple[int, list]:
+    """Org rows whose key already exists on the target. Fast path: no target row in the key range."""
+    first = qi(tp.key[0])
+    lo, hi, n = src.execute(f"SELECT min(t.{first}), max(t.{first}), count(*) FROM {qi(tp.table)} t WHERE {tp.where}").fetchone()
+    if not n:
+        return 0, []
+    in_range = dst.execute(f"SELECT count(*) FROM {qi(tp.table)} t WHERE t.{first} BETWEEN %s AND %s", (lo, hi)).fetchone()[0]
+    if not in_range:
+        return 0, []
+    keyexpr = "ROW(" + ", ".join(f"t.{qi(c)}" for c in tp.key) + ")::text"
+    found, sample = 0, []
+    with src.cursor(name="om_keys") as cur:
+        cur.itersize = batch
+        cur.execute(f"SELECT {keyexpr} FROM {qi(tp.table)} t WHERE {tp.where}")
+        while True:
+            keys = [r[0] for r in cur.fetchmany(batch)]
+            if not keys:
+                break
+            rows = dst.execute(f"SELECT {keyexpr} FROM {qi(tp.table)} t WHERE t.{first} BETWEEN %s AND %s "
+                               f"AND {keyexpr} = ANY(%s)", (lo, hi, keys)).fetchall()
+            found += len(rows)
+            sample.extend(r[0] for r in rows[: samples - len(sample)])
+    return found, sample
+
+
+def delete_org_rows(conn: psycopg.Connection, plan: Plan, tables: Iterable[str] | None = None,
+                    logger: Callable[[str], None] | None = None, source: psycopg.Connection | None = None) -> dict[str, int]:
+    """Delete the org's rows of ``tables`` (default: all org tables) from ``conn`` in one transaction.
+
+    The rows to delete are computed for every table first and deleted afterwards, so the predicates
+    (which reach through parent tables) see the data as it was. With ``source`` (when cleaning a
+    target), the keys of the org's rows on the source are deleted too: after a partial copy a child
+    table can be on the target while its parent is not, and the predicate alone would miss it. Keys
+    are unique across cells, so these rows can only be the org's.
+    """
+    names = sorted(tables) if tables is not None else sorted(t.table for t in plan.of("org"))
+    counts: dict[str, int] = {}
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        for i, name in enumerate(names):
+            tp = plan.tables[name]
+            keys = ", ".join(f"t.{qi(c)}" for c in tp.key)
+            conn.execute(f"CREATE TEMP TABLE _om_del_{i} ON COMMIT DROP AS SELECT {keys} FROM {qi(name)} t WHERE {tp.where}")
+            if source is not None:
+                with source.cursor() as scur, conn.cursor() as dcur:
+                    with scur.copy(f"COPY (SELECT {keys} FROM {qi(name)} t WHERE {tp.where}) TO STDOUT (FORMAT binary)") as cin, \
+                            dcur.copy(f"COPY _om_del_{i} FROM STDIN (FORMAT binary)") as cout:
+                        for data in cin:
+                            cout.write(data)
+        for i, name in enumerate(names):
+            tp = plan.tables[name]
+            cond = " AND ".join(f"t.{qi(c)} = d.{qi(c)}" for c in tp.key)
+            cur = conn.execute(f"DELETE FROM {qi(name)} t USING (SELECT DISTINCT * FROM _om_del_{i}) d WHERE {cond}")
+            counts[name] = cur.rowcount
+    if source is not None:
+        source.commit()
+    (logger or log.info)(f"deleted {sum(counts.values()):,} rows of organization {plan.organization_id} from {len(names)} tables")
+    return counts
+
+
+def check_shared_matches(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan) -> list[str]:
+    """Shared rows that must already exist on the target (insert_missing false) and do not."""
+    problems = []
+    for tp in plan.of("shared"):
+        if tp.insert_missing:
+            continue
+        match = ", ".join(f"t.{qi(c)}" for c in tp.match_on)
+        wanted = src.execute(f"SELECT DISTINCT {match} FROM {qi(tp.table)} t WHERE {tp.where}").fetchall()
+        for row in wanted:
+            cond = " AND ".join(f"{qi(c)} = %s" for c in tp.match_on)
+            if not dst.execute(f"SELECT 1 FROM {qi(tp.table)} WHERE {cond}", row).fetchone():
+                problems.append(f"{tp.table}: {', '.join(tp.match_on)} = {row[0] if len(row) == 1 else row} "
+                                f"exists on the source but not on the target cell (no mapping)")
+    return problems
+
+
+__all__ = ["CopyResult", "Progress", "copy_org_table", "sync_shared_table", "key_collisions", "delete_org_rows",
+           "org_stats", "check_shared_matches", "PreflightError"]

@@ -1,0 +1,206 @@
+"""The mover's own state: migrations, their phases, per-table progress and validation results.
+
+Lives in a PostgreSQL database of the project's own (never Airflow's metadata DB), so any task can
+be retried or re-run and resume from what is recorded here. One *active* migration per
+organization is enforced by a partial unique index.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from orgmover.errors import StateError
+
+ACTIVE_STATES = ("created", "planned", "quiesced", "copying", "copied", "validating", "validated", "switching", "failed")
+FINAL_STATES = ("completed", "rolled_back")
+
+SCHEMA = """
+CREATE SCHEMA IF NOT EXISTS orgmover;
+CREATE TABLE IF NOT EXISTS orgmover.migrations (
+  id bigserial PRIMARY KEY,
+  organization_id bigint NOT NULL,
+  source_cell text NOT NULL,
+  target_cell text NOT NULL,
+  state text NOT NULL DEFAULT 'created',
+  dag_run_id text,
+  plan jsonb,
+  maintenance_window integer NOT NULL DEFAULT 0,
+  maintenance_started_at timestamptz,
+  maintenance_ended_at timestamptz,
+  switched_at timestamptz,
+  route_version bigint,
+  validation jsonb,
+  summary jsonb,
+  error text,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS migrations_one_active_per_org ON orgmover.migrations (organization_id)
+  WHERE state NOT IN ('completed', 'rolled_back');
+CREATE TABLE IF NOT EXISTS orgmover.phases (
+  migration_id bigint NOT NULL REFERENCES orgmover.migrations(id) ON DELETE CASCADE,
+  phase text NOT NULL,
+  attempt integer NOT NULL DEFAULT 1,
+  state text NOT NULL,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  finished_at timestamptz,
+  PRIMARY KEY (migration_id, phase)
+);
+CREATE TABLE IF NOT EXISTS orgmover.tables (
+  migration_id bigint NOT NULL REFERENCES orgmover.migrations(id) ON DELETE CASCADE,
+  table_name text NOT NULL,
+  strategy text NOT NULL,
+  state text NOT NULL DEFAULT 'pending',
+  copied_in_window integer,
+  rows_copied bigint NOT NULL DEFAULT 0,
+  bytes_copied bigint NOT NULL DEFAULT 0,
+  copy_seconds double precision,
+  source_rows bigint,
+  target_rows bigint,
+  source_checksum text,
+  target_checksum text,
+  validation_state text NOT NULL DEFAULT 'pending',
+  validation_detail jsonb,
+  error text,
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (migration_id, table_name)
+);
+CREATE TABLE IF NOT EXISTS orgmover.events (
+  id bigserial PRIMARY KEY,
+  migration_id bigint REFERENCES orgmover.migrations(id) ON DELETE CASCADE,
+  at timestamptz NOT NULL DEFAULT now(),
+  level text NOT NULL,
+  message text NOT NULL
+);
+"""
+
+
+class Tracking:
+    """Thin repository over the orgmover schema. Each method is one short transaction."""
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+
+    @contextmanager
+    def conn(self) -> Iterator[psycopg.Connection]:
+        with psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10) as c:
+            yield c
+
+    def ensure_schema(self) -> None:
+        with self.conn() as c:
+            c.execute("SELECT pg_advisory_xact_lock(8152370)")
+            c.execute(SCHEMA)
+
+    # -------------------------------------------------------------- migrations
+    def get(self, mid: int) -> dict:
+        with self.conn() as c:
+            row = c.execute("SELECT * FROM orgmover.migrations WHERE id = %s", (mid,)).fetchone()
+        if row is None:
+            raise StateError(f"migration {mid} does not exist")
+        return row
+
+    def active_for_org(self, org_id: int) -> dict | None:
+        with self.conn() as c:
+            return c.execute("SELECT * FROM orgmover.migrations WHERE organization_id = %s AND state NOT IN "
+                             "('completed', 'rolled_back')", (org_id,)).fetchone()
+
+    def latest_for_org(self, org_id: int) -> dict | None:
+        with self.conn() as c:
+            return c.execute("SELECT * FROM orgmover.migrations WHERE organization_id = %s ORDER BY id DESC LIMIT 1",
+                             (org_id,)).fetchone()
+
+    def create(self, org_id: int, source: str, target: str, run_id: str | None) -> dict:
+        with self.conn() as c:
+            return c.execute(
+                "INSERT INTO orgmover.migrations (organization_id, source_cell, target_cell, dag_run_id) "
+                "VALUES (%s, %s, %s, %s) RETURNING *", (org_id, source, target, run_id)).fetchone()
+
+    def update(self, mid: int, **fields: Any) -> dict:
+        if not fields:
+            return self.get(mid)
+        sets = ", ".join(f"{k} = %({k})s" for k in fields)
+        params = {k: (Jsonb(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+        params["_id"] = mid
+        with self.conn() as c:
+            return c.execute(f"UPDATE orgmover.migrations SET {sets}, updated_at = now() WHERE id = %(_id)s RETURNING *",
+                             params).fetchone()
+
+    def transition(self, mid: int, to: str, allowed_from: tuple[str, ...], **fields: Any) -> dict:
+        """Compare-and-set of the migration state."""
+        with self.conn() as c:
+            row = c.execute("SELECT state FROM orgmover.migrations WHERE id = %s FOR UPDATE", (mid,)).fetchone()
+            if row is None:
+                raise StateError(f"migration {mid} does not exist")
+            if row["state"] not in allowed_from and row["state"] != to:
+                raise StateError(f"migration {mid} is {row['state']}; cannot go to {to} (allowed from {', '.join(allowed_from)})")
+            sets = ", ".join([f"{k} = %({k})s" for k in fields] + ["state = %(_to)s", "updated_at = now()"])
+            params = {k: (Jsonb(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+            params.update(_to=to, _id=mid)
+            return c.execute(f"UPDATE orgmover.migrations SET {sets} WHERE id = %(_id)s RETURNING *", params).fetchone()
+
+    # -------------------------------------------------------------- phases and events
+    def phase_started(self, mid: int, phase: str) -> None:
+        with self.conn() as c:
+            c.execute("INSERT INTO orgmover.phases (migration_id, phase, state) VALUES (%s, %s, 'running') "
+                      "ON CONFLICT (migration_id, phase) DO UPDATE SET state = 'running', attempt = orgmover.phases.attempt + 1, "
+                      "started_at = now(), finished_at = NULL", (mid, phase))
+
+    def phase_finished(self, mid: int, phase: str, state: str = "succeeded") -> None:
+        with self.conn() as c:
+            c.execute("UPDATE orgmover.phases SET state = %s, finished_at = now() WHERE migration_id = %s AND phase = %s",
+                      (state, mid, phase))
+
+    def phases(self, mid: int) -> list[dict]:
+        with self.conn() as c:
+            return c.execute("SELECT *, extract(epoch FROM (coalesce(finished_at, now()) - started_at)) AS seconds "
+                             "FROM orgmover.phases WHERE migration_id = %s ORDER BY started_at", (mid,)).fetchall()
+
+    def event(self, mid: int | None, level: str, message: str) -> None:
+        with self.conn() as c:
+            c.execute("INSERT INTO orgmover.events (migration_id, level, message) VALUES (%s, %s, %s)", (mid, level, message))
+
+    def events(self, mid: int) -> list[dict]:
+        with self.conn() as c:
+            return c.execute("SELECT * FROM orgmover.events WHERE migration_id = %s ORDER BY id", (mid,)).fetchall()
+
+    # -------------------------------------------------------------- tables
+    def init_tables(self, mid: int, tables: list[tuple[str, str]]) -> None:
+        with self.conn() as c:
+            with c.cursor() as cur:
+                cur.executemany("INSERT INTO orgmover.tables (migration_id, table_name, strategy) VALUES (%s, %s, %s) "
+                                "ON CONFLICT (migration_id, table_name) DO UPDATE SET strategy = EXCLUDED.strategy",
+                                [(mid, t, s) for t, s in tables])
+
+    def table(self, mid: int, name: str) -> dict:
+        with self.conn() as c:
+            row = c.execute("SELECT * FROM orgmover.tables WHERE migration_id = %s AND table_name = %s", (mid, name)).fetchone()
+        if row is None:
+            raise StateError(f"migration {mid} has no table {name} in its plan")
+        return row
+
+    def tables(self, mid: int) -> list[dict]:
+        with self.conn() as c:
+            return c.execute("SELECT * FROM orgmover.tables WHERE migration_id = %s ORDER BY table_name", (mid,)).fetchall()
+
+    def update_table(self, mid: int, name: str, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = %({k})s" for k in fields)
+        params = {k: (Jsonb(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+        params.update(_m=mid, _t=name)
+        with self.conn() as c:
+            c.execute(f"UPDATE orgmover.tables SET {sets}, updated_at = now() WHERE migration_id = %(_m)s AND table_name = %(_t)s",
+                      params)
+
+    def reset_tables(self, mid: int) -> None:
+        with self.conn() as c:
+            c.execute("UPDATE orgmover.tables SET state = 'pending', copied_in_window = NULL, rows_copied = 0, "
+                      "bytes_copied = 0, validation_state = 'pending', error = NULL WHERE migration_id = %s", (mid,))
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str, indent=2, sort_keys=True)
