@@ -1,0 +1,105 @@
+"""org_move: move one GitLab organization from one cell to another.
+
+preflight -> plan -> quiesce (maintenance on) -> copy -> validate -> [approval] -> switchover,
+with ``release`` as the teardown of the maintenance window: whatever fails after maintenance went
+on, maintenance is lifted and the route stays on the source. A dry run stops after preflight with a
+readable report and changes nothing. Thin file: the work is in ``orgmover`` and ``orgmover_airflow``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.providers.standard.operators.branch import BaseBranchOperator
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.providers.standard.operators.python import ShortCircuitOperator
+from airflow.sdk import DAG, Param, TaskGroup, TriggerRule
+
+from orgmover_airflow.operators import (CopyTableOperator, ForeignKeyCheckOperator, GoNoGoOperator,
+                                        MaintenanceOnOperator, PlanOperator, PreflightOperator,
+                                        PrepareTargetOperator, ReleaseOperator, SummaryOperator,
+                                        SwitchoverOperator, ValidateTableOperator)
+
+MID = "{{ ti.xcom_pull(task_ids='preflight.check') }}"
+CELL = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[a-z0-9][a-z0-9_-]*$"}
+
+
+class ApprovalGate(BaseBranchOperator):
+    """Goes through the human approval only when the run asks for it."""
+
+    def choose_branch(self, context):
+        return "switchover.approve" if context["params"].get("require_approval") else "switchover.switch_route"
+
+
+with DAG(
+    dag_id="org_move",
+    description="Move one organization's data between cells, verified, then switch its route",
+    schedule=None,
+    catchup=False,
+    max_active_runs=8,
+    render_template_as_native_obj=True,
+    tags=["orgmover", "cells"],
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=10), "retry_exponential_backoff": True},
+    params={
+        "organization_id": Param(type="integer", minimum=1, title="Organization id",
+                                 description="The organization to move (organizations.id)"),
+        "source_cell": Param(type="string", title="Source cell", description="Cell the organization is routed to now",
+                             **{k: v for k, v in CELL.items() if k != "type"}),
+        "target_cell": Param(type="string", title="Target cell", description="Cell to move the organization to",
+                             **{k: v for k, v in CELL.items() if k != "type"}),
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="Check and plan only, write a report, change nothing"),
+        "require_approval": Param(False, type="boolean", title="Require approval",
+                                  description="Wait for a person to approve the switch after validation passed"),
+    },
+    doc_md=__doc__,
+) as dag:
+    with TaskGroup("preflight", tooltip="checks, no changes") as g_pre:
+        check = PreflightOperator(task_id="check", organization_id="{{ params.organization_id }}",
+                                  source_cell="{{ params.source_cell }}", target_cell="{{ params.target_cell }}",
+                                  dry_run="{{ params.dry_run }}", retries=0)
+        is_move = ShortCircuitOperator(task_id="is_move", python_callable=lambda dry_run: not dry_run,
+                                       op_kwargs={"dry_run": "{{ params.dry_run }}"})
+        check >> is_move
+
+    with TaskGroup("plan", tooltip="how every table's org rows are selected") as g_plan:
+        plan = PlanOperator(task_id="plan", migration_id=MID)
+
+    with TaskGroup("quiesce", tooltip="maintenance on: writes blocked") as g_quiesce:
+        maintenance = MaintenanceOnOperator(task_id="maintenance_on", migration_id=MID)
+
+    with TaskGroup("copy", tooltip="COPY streaming, one transaction per table") as g_copy:
+        prepare = PrepareTargetOperator(task_id="prepare_target", migration_id=MID)
+        copies = CopyTableOperator.partial(task_id="copy_table", migration_id=MID, max_active_tis_per_dag=4,
+                                           map_index_template="{{ task.table }}").expand(table=plan.output)
+        fk = ForeignKeyCheckOperator(task_id="check_foreign_keys", migration_id=MID)
+        prepare >> copies >> fk
+
+    with TaskGroup("validate", tooltip="counts and checksums on both cells") as g_validate:
+        validations = ValidateTableOperator.partial(task_id="validate_table", migration_id=MID, max_active_tis_per_dag=4,
+                                                    map_index_template="{{ task.table }}").expand(
+            table=fk.output)
+        go = GoNoGoOperator(task_id="go_no_go", migration_id=MID, retries=0)
+        validations >> go
+
+    with TaskGroup("switchover", tooltip="route to target, maintenance off") as g_switch:
+        gate = ApprovalGate(task_id="approval_gate")
+        approve = ApprovalOperator(
+            task_id="approve",
+            subject="Switch organization {{ params.organization_id }} to cell {{ params.target_cell }}?",
+            body="Validation passed: {{ ti.xcom_pull(task_ids='validate.go_no_go') }}. The organization is in "
+                 "maintenance (writes blocked) until you answer.",
+            fail_on_reject=True, response_timeout=timedelta(hours=2), retries=0)
+        switch = SwitchoverOperator(task_id="switch_route", migration_id=MID,
+                                    trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+        summary = SummaryOperator(task_id="summary", migration_id=MID)
+        gate >> [approve, switch]
+        approve >> switch >> summary
+
+    release = ReleaseOperator(task_id="release", migration_id=MID, retries=3).as_teardown(
+        setups=maintenance, on_failure_fail_dagrun=True)
+
+    is_move >> plan >> maintenance >> prepare
+    fk >> validations
+    go >> gate
+    summary >> release

@@ -1,0 +1,188 @@
+"""Operators of the org_move DAG. Each is thin: it builds a MoveContext from the hooks (cells,
+Topology Service, mover state) and calls one phase of :mod:`orgmover.mover`. XComs stay small
+(ids, table names, report paths); everything else is in the mover's state database."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from orgmover import gitlab, mover
+from orgmover.errors import ConfigError, PreflightError, StateError, ValidationFailed
+from orgmover_airflow.hooks import CellHook, MoverStateHook, TopologyHook
+
+# errors that a retry cannot fix: fail at once instead of retrying
+_FINAL = (PreflightError, ConfigError, ValidationFailed, StateError)
+
+
+class OrgMoveBaseOperator(BaseOperator):
+    """Common wiring. ``migration_id`` is templated (from the preflight task's XCom)."""
+
+    template_fields: Sequence[str] = ("migration_id",)
+    ui_color = "#e8f0fe"
+
+    def __init__(self, *, migration_id: Any = None, state_conn_id: str = "orgmover_state",
+                 topology_conn_id: str = "orgmover_topology", dictionary_dir: str | None = None,
+                 reports_dir: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.migration_id = migration_id
+        self.state_conn_id = state_conn_id
+        self.topology_conn_id = topology_conn_id
+        self.dictionary_dir = dictionary_dir
+        self.reports_dir = reports_dir
+
+    def move_context(self) -> mover.MoveContext:
+        reports = self.reports_dir or os.environ.get("ORGMOVER_REPORTS_DIR") or \
+            str(Path(os.environ.get("AIRFLOW_HOME", ".")) / "orgmover-reports")
+        dictionary = self.dictionary_dir or os.environ.get("ORGMOVER_DICTIONARY_DIR") or str(gitlab.db_docs_dir())
+        return mover.MoveContext(
+            tracking=MoverStateHook(self.state_conn_id).get_conn(),
+            topology=TopologyHook(self.topology_conn_id).get_conn(),
+            resolve_cell=lambda name: CellHook(cell=name).get_cell(),
+            dictionary_dir=Path(dictionary), reports_dir=Path(reports), log=self.log.info)
+
+    @property
+    def mid(self) -> int | None:
+        return None if self.migration_id in (None, "", "None") else int(self.migration_id)
+
+    def run_phase(self, context: Any):
+        raise NotImplementedError
+
+    def execute(self, context: Any):
+        try:
+            return self.run_phase(context)
+        except _FINAL as e:
+            raise AirflowFailException(str(e)) from e
+
+
+class PreflightOperator(OrgMoveBaseOperator):
+    """Checks everything, changes nothing. A real move creates (or resumes) a migration and returns
+    its id; a dry run writes the readable report and returns None (failing if the move would be refused)."""
+
+    template_fields = ("organization_id", "source_cell", "target_cell", "dry_run")
+    ui_color = "#fff4e5"
+
+    def __init__(self, *, organization_id: Any, source_cell: str, target_cell: str, dry_run: Any = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.organization_id, self.source_cell, self.target_cell, self.dry_run = organization_id, source_cell, target_cell, dry_run
+
+    def run_phase(self, context: Any):
+        org = int(self.organization_id)
+        dry = self.dry_run in (True, "True", "true", 1, "1")
+        ctx = self.move_context()
+        if dry:
+            path, problems = mover.dry_run(ctx, org, self.source_cell, self.target_cell)
+            context["ti"].xcom_push(key="report", value=str(path))
+            if problems:
+                raise PreflightError(problems + [f"dry-run report: {path}"])
+            return None
+        run_id = context["run_id"] if "run_id" in context else None
+        return mover.preflight(ctx, org, self.source_cell, self.target_cell, run_id)
+
+
+class PlanOperator(OrgMoveBaseOperator):
+    """Plans every table; returns the org tables to copy (the copy phase maps over them)."""
+
+    def run_phase(self, context: Any):
+        return mover.make_plan(self.move_context(), self.mid)
+
+
+class MaintenanceOnOperator(OrgMoveBaseOperator):
+    """Blocks the org's writes in the Topology Service (setup of the maintenance window)."""
+
+    ui_color = "#fde2e1"
+
+    def run_phase(self, context: Any):
+        mover.maintenance_on(self.move_context(), self.mid)
+
+
+class PrepareTargetOperator(OrgMoveBaseOperator):
+    """Clears rows of an earlier window from the target and copies the shared rows the org references."""
+
+    def run_phase(self, context: Any):
+        mover.prepare_target(self.move_context(), self.mid)
+
+
+class CopyTableOperator(OrgMoveBaseOperator):
+    """Copies one table's org rows (mapped over the plan's tables)."""
+
+    template_fields = ("migration_id", "table")
+    ui_color = "#e6f4ea"
+
+    def __init__(self, *, table: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.table = table
+
+    def run_phase(self, context: Any):
+        return mover.copy_table(self.move_context(), self.mid, self.table)
+
+
+class ForeignKeyCheckOperator(OrgMoveBaseOperator):
+    """Checks the org's foreign keys on the target; returns the tables to validate (org and shared)."""
+
+    def run_phase(self, context: Any):
+        ctx = self.move_context()
+        mover.check_foreign_keys(ctx, self.mid)
+        plan = mover.load_plan(ctx, self.mid)
+        return sorted(t for t, p in plan.tables.items() if p.strategy != "skip")
+
+
+class ValidateTableOperator(OrgMoveBaseOperator):
+    """Row count and checksum of one table on both cells; row-level diff on a mismatch."""
+
+    template_fields = ("migration_id", "table")
+    ui_color = "#f3e8fd"
+
+    def __init__(self, *, table: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.table = table
+
+    def run_phase(self, context: Any):
+        return mover.validate_one(self.move_context(), self.mid, self.table)
+
+
+class GoNoGoOperator(OrgMoveBaseOperator):
+    """Writes the validation report; fails (no switch) on any difference."""
+
+    ui_color = "#f3e8fd"
+
+    def run_phase(self, context: Any):
+        return str(mover.go_no_go(self.move_context(), self.mid))
+
+
+class SwitchoverOperator(OrgMoveBaseOperator):
+    """Routes the org to the target and lifts maintenance in one compare-and-set."""
+
+    ui_color = "#d2e3fc"
+
+    def run_phase(self, context: Any):
+        route = mover.switchover(self.move_context(), self.mid)
+        return {"cell": route["cell"], "version": route["version"]}
+
+
+class SummaryOperator(OrgMoveBaseOperator):
+    def run_phase(self, context: Any):
+        data, text = mover.summary(self.move_context(), self.mid)
+        self.log.info("\n%s", text)
+        return {k: data[k] for k in ("migration_id", "state", "rows", "bytes", "maintenance_seconds", "validation_ok")}
+
+
+class ReleaseOperator(OrgMoveBaseOperator):
+    """Teardown of the maintenance window: an unfinished migration lifts maintenance, route unchanged."""
+
+    ui_color = "#fde2e1"
+
+    def run_phase(self, context: Any):
+        return mover.release(self.move_context(), self.mid)
+
+
+class RollbackOperator(OrgMoveBaseOperator):
+    """Removes an unfinished migration's rows from the target (the org stays on the source)."""
+
+    def run_phase(self, context: Any):
+        counts = mover.rollback(self.move_context(), self.mid)
+        return sum(counts.values())
