@@ -8,6 +8,7 @@ readable report and changes nothing. Thin file: the work is in ``orgmover`` and 
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 from airflow.providers.standard.operators.branch import BaseBranchOperator
@@ -39,7 +40,7 @@ with DAG(
     max_active_runs=8,
     render_template_as_native_obj=True,
     tags=["orgmover", "cells"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=10), "retry_exponential_backoff": True},
+    default_args={"retries": int(os.environ.get("ORGMOVER_TASK_RETRIES", "2")), "retry_delay": timedelta(seconds=10), "retry_exponential_backoff": True},
     params={
         "organization_id": Param(type="integer", minimum=1, title="Organization id",
                                  description="The organization to move (organizations.id)"),
@@ -96,8 +97,9 @@ with DAG(
         gate >> [approve, switch]
         approve >> switch >> summary
 
-    release = ReleaseOperator(task_id="release", migration_id=MID, retries=3).as_teardown(
-        setups=maintenance, on_failure_fail_dagrun=True)
+    # teardown of the maintenance window: runs whenever maintenance_on succeeded, whatever failed after;
+    # teardowns do not decide the run's state, so a failed copy still fails the run
+    release = ReleaseOperator(task_id="release", migration_id=MID, retries=3).as_teardown(setups=maintenance)
 
     is_move >> plan >> maintenance >> prepare
     fk >> validations

@@ -1,0 +1,89 @@
+"""End to end: the real org_move DAG (dag.test) against real local cells, checked independently
+(tests/verify.py) of the mover's own validation."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from verify import check_move, snapshot
+
+pytestmark = pytest.mark.e2e
+
+
+def _snap(devenv, cell):
+    c = devenv.resolve_cell(cell)
+    return snapshot(c.dsn, c.db_key_base)
+
+
+def _states(dr) -> dict[str, str]:
+    return {(ti.task_id + (f"[{ti.map_index}]" if ti.map_index >= 0 else "")): ti.state for ti in dr.get_task_instances()}
+
+
+def test_move_org_with_the_dag(devenv, seeded, org_move_dag, ctx):
+    org = seeded["beta"]  # owns a fork of alpha's project through alpha's pool repository
+    before = (_snap(devenv, "legacy"), _snap(devenv, "cell-1"))
+    dr = org_move_dag.test(run_conf={"organization_id": org.id, "source_cell": "legacy", "target_cell": "cell-1"})
+    assert dr.state == "success", _states(dr)
+    problems = check_move(before[0], _snap(devenv, "legacy"), before[1], _snap(devenv, "cell-1"), org.rows)
+    assert problems == []
+    route = devenv.topology().route(org.id)
+    assert route["cell"] == "cell-1" and route["maintenance"] is False and route["maintenance_owner"] is None
+    m = ctx.tracking.latest_for_org(org.id)
+    assert m["state"] == "completed" and m["validation"]["ok"] is True
+    summary = (ctx.reports_dir / f"migration-{m['id']}-summary.txt").read_text()
+    assert "validation:       PASSED" in summary and "route now:        cell cell-1" in summary
+    # the pool repository of alpha's project, shared by beta's fork, is on the target too
+    with psycopg.connect(devenv.resolve_cell("cell-1").dsn) as c:
+        assert c.execute("SELECT count(*) FROM projects p JOIN pool_repositories r ON r.id = p.pool_repository_id "
+                         "WHERE p.organization_id = %s AND p.forked_from_project_id IS NOT NULL", (org.id,)).fetchone()[0] >= 1
+
+
+def test_dry_run_changes_nothing_and_writes_a_report(devenv, seeded, org_move_dag, ctx):
+    org = seeded["gamma"]
+    before = (_snap(devenv, "legacy"), _snap(devenv, "cell-1"), devenv.topology().route(org.id))
+    dr = org_move_dag.test(run_conf={"organization_id": org.id, "source_cell": "legacy", "target_cell": "cell-1",
+                                     "dry_run": True})
+    assert dr.state == "success", _states(dr)
+    states = _states(dr)
+    assert states["preflight.check"] == "success"
+    assert all(s == "skipped" for t, s in states.items() if not t.startswith("preflight."))
+    assert (_snap(devenv, "legacy").tables, _snap(devenv, "cell-1").tables) == (before[0].tables, before[1].tables)
+    assert devenv.topology().route(org.id) == before[2]
+    assert ctx.tracking.latest_for_org(org.id) is None
+    reports = sorted(ctx.reports_dir.glob(f"dry-run-org-{org.id}-*.txt"))
+    text = reports[-1].read_text()
+    assert "Preflight: all checks passed." in text
+    assert "notes " in text and "polymorphic noteable_type/noteable_id" in text
+    assert f"Organization rows: {org.total:,}" in text
+    assert "Estimated copy time" in text
+
+
+def test_failure_mid_copy_lifts_maintenance_then_resume_completes(devenv, seeded, org_move_dag, ctx):
+    org = seeded["delta"]
+    src_before, dst_before = _snap(devenv, "legacy"), _snap(devenv, "cell-1")
+    dst = devenv.resolve_cell("cell-1").dsn
+    with psycopg.connect(dst, autocommit=True) as c:  # every insert into merge_requests fails on the target
+        c.execute("ALTER TABLE merge_requests ADD CONSTRAINT om_test_break CHECK (id < 0) NOT VALID")
+    try:
+        dr = org_move_dag.test(run_conf={"organization_id": org.id, "source_cell": "legacy", "target_cell": "cell-1"})
+    finally:
+        with psycopg.connect(dst, autocommit=True) as c:
+            c.execute("ALTER TABLE merge_requests DROP CONSTRAINT om_test_break")
+    states = _states(dr)
+    assert dr.state == "failed"
+    assert [t for t, s in states.items() if s == "failed"] == ["copy.copy_table[%d]" % sorted(org.rows).index("merge_requests")]
+    assert states["switchover.switch_route"] == "upstream_failed"
+    assert states["release"] == "success"
+    route = devenv.topology().route(org.id)
+    assert route["cell"] == "legacy" and route["maintenance"] is False
+    m = ctx.tracking.latest_for_org(org.id)
+    assert m["state"] == "failed"
+    assert _snap(devenv, "legacy").tables == src_before.tables
+
+    # a new run resumes the same migration and completes it
+    dr2 = org_move_dag.test(run_conf={"organization_id": org.id, "source_cell": "legacy", "target_cell": "cell-1"})
+    assert dr2.state == "success", _states(dr2)
+    assert ctx.tracking.latest_for_org(org.id)["id"] == m["id"]
+    assert check_move(src_before, _snap(devenv, "legacy"), dst_before, _snap(devenv, "cell-1"), org.rows) == []
+    assert devenv.topology().route(org.id)["cell"] == "cell-1"
