@@ -1,6 +1,7 @@
 """org_move: move one GitLab organization from one cell to another.
 
-preflight -> plan -> quiesce (maintenance on) -> copy -> validate -> [approval] -> switchover,
+preflight -> plan -> pre-copy (org writable) -> quiesce (maintenance on) -> sync what changed -> validate ->
+[approval] -> switchover,
 with ``release`` as the teardown of the maintenance window: whatever fails after maintenance went
 on, maintenance is lifted and the route stays on the source. A dry run stops after preflight with a
 readable report and changes nothing. Thin file: the work is in ``orgmover`` and ``orgmover_airflow``.
@@ -16,10 +17,10 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param, TaskGroup, TriggerRule
 
-from orgmover_airflow.operators import (CopyTableOperator, ForeignKeyCheckOperator, GoNoGoOperator,
-                                        MaintenanceOnOperator, PlanOperator, PreflightOperator,
-                                        PrepareTargetOperator, ReleaseOperator, SummaryOperator,
-                                        SwitchoverOperator, ValidateTableOperator)
+from orgmover_airflow.operators import (CopyTableOperator, GoNoGoOperator, MaintenanceOnOperator, PlanOperator,
+                                        PrecopyDoneOperator, PreflightOperator, PrepareTargetOperator,
+                                        ReleaseOperator, SummaryOperator, SwitchoverOperator, SyncDeletionsOperator,
+                                        SyncSharedOperator, SyncTableOperator, ValidateTableOperator)
 
 MID = "{{ ti.xcom_pull(task_ids='preflight.check') }}"
 CELL = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[a-z0-9][a-z0-9_-]*$"}
@@ -66,15 +67,22 @@ with DAG(
     with TaskGroup("plan", tooltip="how every table's org rows are selected") as g_plan:
         plan = PlanOperator(task_id="plan", migration_id=MID)
 
+    with TaskGroup("copy", tooltip="pre-copy while the org is writable: COPY streaming, resumable chunks") as g_copy:
+        prepare = PrepareTargetOperator(task_id="shared_rows", migration_id=MID)
+        copies = CopyTableOperator.partial(task_id="copy_table", migration_id=MID, max_active_tis_per_dag=4,
+                                           map_index_template="{{ task.table }}").expand(table=plan.output)
+        precopied = PrecopyDoneOperator(task_id="precopy_done", migration_id=MID)
+        prepare >> copies >> precopied
+
     with TaskGroup("quiesce", tooltip="maintenance on: writes blocked") as g_quiesce:
         maintenance = MaintenanceOnOperator(task_id="maintenance_on", migration_id=MID)
 
-    with TaskGroup("copy", tooltip="COPY streaming, one transaction per table") as g_copy:
-        prepare = PrepareTargetOperator(task_id="prepare_target", migration_id=MID)
-        copies = CopyTableOperator.partial(task_id="copy_table", migration_id=MID, max_active_tis_per_dag=4,
-                                           map_index_template="{{ task.table }}").expand(table=plan.output)
-        fk = ForeignKeyCheckOperator(task_id="check_foreign_keys", migration_id=MID)
-        prepare >> copies >> fk
+    with TaskGroup("sync", tooltip="in the write window: only what changed since the pre-copy") as g_sync:
+        sync_shared = SyncSharedOperator(task_id="shared_rows", migration_id=MID)
+        syncs = SyncTableOperator.partial(task_id="sync_table", migration_id=MID, max_active_tis_per_dag=4,
+                                          map_index_template="{{ task.table }}").expand(table=plan.output)
+        fk = SyncDeletionsOperator(task_id="deletions_and_foreign_keys", migration_id=MID)
+        sync_shared >> syncs >> fk
 
     with TaskGroup("validate", tooltip="counts and checksums on both cells") as g_validate:
         validations = ValidateTableOperator.partial(task_id="validate_table", migration_id=MID, max_active_tis_per_dag=4,
@@ -101,7 +109,8 @@ with DAG(
     # teardowns do not decide the run's state, so a failed copy still fails the run
     release = ReleaseOperator(task_id="release", migration_id=MID, retries=3).as_teardown(setups=maintenance)
 
-    is_move >> plan >> maintenance >> prepare
+    is_move >> plan >> prepare
+    precopied >> maintenance >> sync_shared
     fk >> validations
     go >> gate
     summary >> release

@@ -16,6 +16,12 @@ def _snap(devenv, cell):
     return snapshot(c.dsn, c.db_key_base)
 
 
+def run(dag, **conf):
+    """dag.test with every param given: a DAG object keeps the params of its previous dag.test run."""
+    return dag.test(run_conf={"source_cell": "legacy", "target_cell": "cell-1", "dry_run": False,
+                              "require_approval": False, **conf})
+
+
 def _states(dr) -> dict[str, str]:
     return {(ti.task_id + (f"[{ti.map_index}]" if ti.map_index >= 0 else "")): ti.state for ti in dr.get_task_instances()}
 
@@ -23,7 +29,7 @@ def _states(dr) -> dict[str, str]:
 def test_move_org_with_the_dag(devenv, seeded, org_move_dag, ctx):
     org = seeded["beta"]  # owns a fork of alpha's project through alpha's pool repository
     before = (_snap(devenv, "legacy"), _snap(devenv, "cell-1"))
-    dr = org_move_dag.test(run_conf={"organization_id": org.id, "source_cell": "legacy", "target_cell": "cell-1"})
+    dr = run(org_move_dag, organization_id=org.id)
     assert dr.state == "success", _states(dr)
     problems = check_move(before[0], _snap(devenv, "legacy"), before[1], _snap(devenv, "cell-1"), org.rows)
     assert problems == []
@@ -42,8 +48,7 @@ def test_move_org_with_the_dag(devenv, seeded, org_move_dag, ctx):
 def test_dry_run_changes_nothing_and_writes_a_report(devenv, seeded, org_move_dag, ctx):
     org = seeded["gamma"]
     before = (_snap(devenv, "legacy"), _snap(devenv, "cell-1"), devenv.topology().route(org.id))
-    dr = org_move_dag.test(run_conf={"organization_id": org.id, "source_cell": "legacy", "target_cell": "cell-1",
-                                     "dry_run": True})
+    dr = run(org_move_dag, organization_id=org.id, dry_run=True)
     assert dr.state == "success", _states(dr)
     states = _states(dr)
     assert states["preflight.check"] == "success"
@@ -59,30 +64,31 @@ def test_dry_run_changes_nothing_and_writes_a_report(devenv, seeded, org_move_da
     assert "Estimated copy time" in text
 
 
-def test_failure_mid_copy_lifts_maintenance_then_resume_completes(devenv, seeded, org_move_dag, ctx):
+def test_failure_in_precopy_then_resume_completes(devenv, seeded, org_move_dag, ctx):
     org = seeded["delta"]
     src_before, dst_before = _snap(devenv, "legacy"), _snap(devenv, "cell-1")
     dst = devenv.resolve_cell("cell-1").dsn
     with psycopg.connect(dst, autocommit=True) as c:  # every insert into merge_requests fails on the target
         c.execute("ALTER TABLE merge_requests ADD CONSTRAINT om_test_break CHECK (id < 0) NOT VALID")
     try:
-        dr = org_move_dag.test(run_conf={"organization_id": org.id, "source_cell": "legacy", "target_cell": "cell-1"})
+        dr = run(org_move_dag, organization_id=org.id)
     finally:
         with psycopg.connect(dst, autocommit=True) as c:
             c.execute("ALTER TABLE merge_requests DROP CONSTRAINT om_test_break")
     states = _states(dr)
-    assert dr.state == "failed"
-    assert [t for t, s in states.items() if s == "failed"] == ["copy.copy_table[%d]" % sorted(org.rows).index("merge_requests")]
-    assert states["switchover.switch_route"] == "upstream_failed"
-    assert states["release"] == "success"
+    assert dr.state == "failed", states
+    failed = [t for t, s in states.items() if s == "failed"]
+    assert failed == ["copy.copy_table[%d]" % sorted(org.rows).index("merge_requests")], states
+    assert states["quiesce.maintenance_on"] == "upstream_failed"
     route = devenv.topology().route(org.id)
-    assert route["cell"] == "legacy" and route["maintenance"] is False
+    assert route["cell"] == "legacy" and route["maintenance"] is False  # writes were never blocked
     m = ctx.tracking.latest_for_org(org.id)
-    assert m["state"] == "failed"
+    assert ctx.tracking.table(m["id"], "merge_requests")["state"] == "failed"
+    assert "merge_requests" in ctx.tracking.table(m["id"], "merge_requests")["error"]
     assert _snap(devenv, "legacy").tables == src_before.tables
 
-    # a new run resumes the same migration and completes it
-    dr2 = org_move_dag.test(run_conf={"organization_id": org.id, "source_cell": "legacy", "target_cell": "cell-1"})
+    # a new run resumes the same migration: tables already copied are not copied again
+    dr2 = run(org_move_dag, organization_id=org.id)
     assert dr2.state == "success", _states(dr2)
     assert ctx.tracking.latest_for_org(org.id)["id"] == m["id"]
     assert check_move(src_before, _snap(devenv, "legacy"), dst_before, _snap(devenv, "cell-1"), org.rows) == []

@@ -120,7 +120,9 @@ def test_exempt_table_without_strategy_is_an_error(devenv, ctx, seeded, tmp_path
 
 
 def test_dag_refuses_unknown_org_and_changes_nothing(org_move_dag, seeded, unchanged):
-    dr = org_move_dag.test(run_conf={"organization_id": 987654321, "source_cell": "legacy", "target_cell": "cell-1"})
+    from test_org_move_e2e import run
+
+    dr = run(org_move_dag, organization_id=987654321)
     states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
     assert dr.state == "failed"
     assert states["preflight.check"] == "failed"

@@ -60,22 +60,25 @@ def cmd_seed(args) -> int:
     return 0
 
 
-def run_move(ctx, org: int, source: str, target: str, run_id: str = "cli") -> int:
+def run_move(ctx, org: int, source: str, target: str, run_id: str = "cli", before_window=None) -> int:
     """Every phase in order, as the DAG runs them; release on failure. Returns the migration id."""
     from orgmover import mover
 
     mid = mover.preflight(ctx, org, source, target, run_id)
     try:
         tables = mover.make_plan(ctx, mid)
-        mover.maintenance_on(ctx, mid)
         mover.prepare_target(ctx, mid)
         for t in tables:
             mover.copy_table(ctx, mid, t)
-        mover.check_foreign_keys(ctx, mid)
-        plan = mover.load_plan(ctx, mid)
-        for t in sorted(plan.tables):
-            if plan.tables[t].strategy != "skip":
-                mover.validate_one(ctx, mid, t)
+        mover.precopy_done(ctx, mid)
+        if before_window:
+            before_window(mid)
+        mover.maintenance_on(ctx, mid)
+        mover.sync_shared(ctx, mid)
+        for t in tables:
+            mover.sync_table(ctx, mid, t)
+        for t in mover.sync_deletions(ctx, mid):
+            mover.validate_one(ctx, mid, t)
         mover.go_no_go(ctx, mid)
         mover.switchover(ctx, mid)
     except Exception as e:
@@ -101,6 +104,14 @@ def cmd_dry_run(args) -> int:
     print(path.read_text())
     print(f"report: {path}")
     return 1 if problems else 0
+
+
+def cmd_copy_table(args) -> int:
+    from orgmover import mover
+
+    res = mover.copy_table(_env(args).context(), args.migration, args.table)
+    print(f"{res['table']}: {res['rows']:,} rows copied")
+    return 0
 
 
 def cmd_rollback(args) -> int:
@@ -140,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         m.add_argument("--from", dest="source", required=True)
         m.add_argument("--to", dest="target", required=True)
         m.set_defaults(fn=fn)
+    c = sub.add_parser("copy-table", help="pre-copy one table of a planned migration (resumable)")
+    c.add_argument("migration", type=int)
+    c.add_argument("table")
+    c.set_defaults(fn=cmd_copy_table)
     r = sub.add_parser("rollback")
     r.add_argument("migration", type=int)
     r.set_defaults(fn=cmd_rollback)

@@ -14,6 +14,7 @@ resumes from what is recorded. Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,8 +28,9 @@ from orgmover.catalog import Catalog, load_dictionary, read_catalog
 from orgmover.cells import Cell, check_cell_name
 from orgmover.errors import (ClassificationError, ConfigError, OrgMoverError, PreflightError, StateError,
                              ValidationFailed)
-from orgmover.pgcopy import (check_shared_matches, copy_org_table, delete_org_rows, key_collisions, org_stats,
-                             sync_shared_table)
+from orgmover.pgcopy import (INTEGER_TYPES, Progress, apply_deletions, check_shared_matches, chunk_bounds, copy_chunk,
+                             delete_org_rows, key_collisions, org_stats, remap_tables, row_transformer,
+                             sync_changed_rows, sync_shared_table)
 from orgmover.plan import Plan, Planner, qi
 from orgmover.topology import NotFound, TopologyClient, VersionConflict
 from orgmover.tracking import Tracking
@@ -45,6 +47,7 @@ class MoveContext:
     dictionary_dir: Path
     reports_dir: Path
     log: Callable[[str], None] = field(default=log.info)
+    chunk_rows: int = field(default_factory=lambda: int(os.environ.get("ORGMOVER_CHUNK_ROWS", "20000")))
 
     def cell(self, name: str) -> Cell:
         return self.resolve_cell(check_cell_name(name))
@@ -199,12 +202,19 @@ def make_plan(ctx: MoveContext, mid: int) -> list[str]:
     m = ctx.tracking.get(mid)
     with _phase(ctx, mid, "plan"):
         with ctx.cell(m["source_cell"]).connect() as src:
-            _, plan = _catalog_and_plan(src, load_dictionary(ctx.dictionary_dir), m["organization_id"])
+            catalog, plan = _catalog_and_plan(src, load_dictionary(ctx.dictionary_dir), m["organization_id"])
             for tp in plan.tables.values():
                 if tp.strategy != "skip":
                     tp.est_rows, tp.est_bytes = org_stats(src, tp)
-        ctx.tracking.update(mid, plan=plan.to_dict())
-        ctx.tracking.init_tables(mid, [(t.table, t.strategy) for t in plan.tables.values() if t.strategy != "skip"])
+            ctx.tracking.update(mid, plan=plan.to_dict())
+            ctx.tracking.init_tables(mid, [(t.table, t.strategy) for t in plan.tables.values() if t.strategy != "skip"])
+            for tp in plan.of("org"):
+                first = catalog[tp.table].column(tp.key[0])
+                column = tp.key[0] if first is not None and first.type in INTEGER_TYPES else None
+                bounds = chunk_bounds(src, tp, column, ctx.chunk_rows) if column and tp.est_rows > ctx.chunk_rows else []
+                if not ctx.tracking.chunks(mid, tp.table):
+                    ctx.tracking.update_table(mid, tp.table, chunk_column=column)
+                    ctx.tracking.init_chunks(mid, tp.table, bounds)
         if m["state"] == "created":
             ctx.tracking.transition(mid, "planned", ("created",))
         rows = sum(t.est_rows for t in plan.of("org"))
@@ -264,8 +274,8 @@ def maintenance_on(ctx: MoveContext, mid: int) -> None:
             return
         new = ctx.topology.update_route(org, route["version"], maintenance=True, maintenance_owner=ctx.owner(mid),
                                         reason=f"moving to {m['target_cell']}")
-        # a new window: anything copied in an earlier window may be stale and is copied again
-        ctx.tracking.transition(mid, "quiesced", ("planned", "failed", "quiesced", "copying", "copied", "validating", "validated"),
+        # a new window: what changed since the pre-copy is synced and everything validated again in it
+        ctx.tracking.transition(mid, "quiesced", ("copied", "failed", "quiesced", "validating", "validated"),
                                 maintenance_window=m["maintenance_window"] + 1,
                                 maintenance_started_at=datetime.now(timezone.utc), maintenance_ended_at=None,
                                 route_version=new["version"], error=None)
@@ -281,72 +291,152 @@ def _require_maintenance(ctx: MoveContext, m: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ copy
-def prepare_target(ctx: MoveContext, mid: int) -> None:
-    """Remove rows an earlier maintenance window of this migration left on the target, and copy the
-    shared rows (users, LFS objects, pools) the org references."""
+def _transformer(src, dst, plan: Plan, tp, src_cell: Cell, dst_cell: Cell):
+    if not tp.needs_transform:
+        return None
+    return row_transformer(tp, tp.columns, remap_tables(src, dst, plan, tp), src_cell.key, dst_cell.key)
+
+
+def _chunking(ctx: MoveContext, mid: int, table: str) -> tuple[str | None, list[int]]:
+    row = ctx.tracking.table(mid, table)
+    chunks = ctx.tracking.chunks(mid, table)
+    return row["chunk_column"], [c["lo"] for c in chunks[1:]]
+
+
+def copy_shared_rows(ctx: MoveContext, mid: int, in_window: bool = False) -> None:
+    """Make the shared rows the org references (users, LFS objects, pools; shards must match) exist
+    on the target. Before the first copy, record the source's oldest running transaction: every row
+    written from then on is synced again in the write window."""
     m = ctx.tracking.get(mid)
-    _require_maintenance(ctx, m)
+    if in_window:
+        _require_maintenance(ctx, m)
     plan = load_plan(ctx, mid)
-    window = m["maintenance_window"]
-    ctx.tracking.phase_started(mid, "copy")  # finished by check_foreign_keys
-    if True:
-        stale = [t["table_name"] for t in ctx.tracking.tables(mid)
-                 if t["strategy"] == "org" and t["state"] != "pending" and t["copied_in_window"] != window]
-        src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
-        with src_cell.connect() as src, dst_cell.connect() as dst:
-            if stale or m["state"] == "failed":
-                # rows of this org on the target can only be ours: preflight refused any collision
-                counts = delete_org_rows(dst, plan, [t.table for t in plan.of("org")], logger=ctx.log, source=src)
-                ctx.tracking.reset_tables(mid)
-                ctx.tracking.event(mid, "info", f"removed {sum(counts.values())} rows of an earlier attempt from the target")
-            ctx.tracking.transition(mid, "copying", ("quiesced", "copying", "failed", "copied", "validating", "validated"))
-            for tp in plan.shared_in_order():
-                res = sync_shared_table(src, dst, plan, tp, src_cell.key, dst_cell.key, logger=ctx.log)
-                ctx.tracking.update_table(mid, tp.table, state="copied", copied_in_window=window,
-                                          rows_copied=res["inserted"])
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    ctx.tracking.phase_started(mid, "sync" if in_window else "copy")
+    with src_cell.connect() as src, dst_cell.connect() as dst:
+        if m["precopy_xmin"] is None:
+            xmin = src.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()[0]
+            ctx.tracking.update(mid, precopy_xmin=xmin)
+            ctx.log(f"pre-copy starts at source transaction {xmin}: rows written from now on are synced in the write window")
+        if not in_window:
+            ctx.tracking.update(mid, state="copying")
+        for tp in plan.shared_in_order():
+            res = sync_shared_table(src, dst, plan, tp, src_cell.key, dst_cell.key, logger=ctx.log)
+            ctx.tracking.update_table(mid, tp.table, state="copied", rows_copied=res["inserted"])
+
+
+def prepare_target(ctx: MoveContext, mid: int) -> None:
+    copy_shared_rows(ctx, mid, in_window=False)
 
 
 def copy_table(ctx: MoveContext, mid: int, table: str) -> dict:
-    """Copy one org table (one target transaction). Skips a table already copied in this window."""
+    """Pre-copy one org table chunk by chunk while the org is still writable. Each chunk is one
+    target transaction and is recorded when done, so a killed or retried task resumes at the first
+    chunk not recorded as copied, with no duplicate and no missing row."""
     m = ctx.tracking.get(mid)
-    _require_maintenance(ctx, m)
     plan = load_plan(ctx, mid)
     tp = plan.tables.get(table)
     if tp is None or tp.strategy != "org":
         raise StateError(f"{table} is not an org table of migration #{mid}")
-    row = ctx.tracking.table(mid, table)
-    if row["state"] == "copied" and row["copied_in_window"] == m["maintenance_window"]:
-        ctx.log(f"{table}: already copied in this maintenance window ({row['rows_copied']:,} rows), skipping")
-        return {"table": table, "rows": row["rows_copied"], "skipped": True}
+    if m["precopy_xmin"] is None:
+        raise StateError(f"migration #{mid}: shared rows not copied yet (run prepare_target first)")
+    chunks = ctx.tracking.chunks(mid, table)
+    column = ctx.tracking.table(mid, table)["chunk_column"]
+    todo = [c for c in chunks if c["state"] != "copied"]
+    if not todo:
+        done = sum(c["rows"] for c in chunks)
+        ctx.log(f"{table}: all {len(chunks)} chunks already copied ({done:,} rows)")
+        return {"table": table, "rows": done, "skipped": True}
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
     ctx.tracking.update_table(mid, table, state="copying", error=None)
+    progress = Progress(f"copy {table}", tp.est_rows, tp.est_bytes, logger=ctx.log)
+    t0 = time.monotonic()
+    if len(todo) < len(chunks):
+        ctx.log(f"{table}: resuming at chunk {todo[0]['chunk_no'] + 1} of {len(chunks)}")
     try:
         with src_cell.connect() as src, dst_cell.connect() as dst:
-            res = copy_org_table(src, dst, plan, tp, src_cell.key, dst_cell.key, tp.est_rows, tp.est_bytes, logger=ctx.log)
+            transform = _transformer(src, dst, plan, tp, src_cell, dst_cell)
+            for c in todo:
+                ctx.tracking.update_chunk(mid, table, c["chunk_no"], state="copying", attempts=c["attempts"] + 1)
+                before = progress.bytes
+                rows = copy_chunk(src, dst, plan, tp, column, c["lo"], c["hi"], transform, progress)
+                progress.add(0 if transform else 0, 0)
+                ctx.tracking.update_chunk(mid, table, c["chunk_no"], state="copied", rows=rows, bytes=progress.bytes - before)
     except Exception as e:
         ctx.tracking.update_table(mid, table, state="failed", error=str(e)[:2000])
         raise
-    ctx.tracking.update_table(mid, table, state="copied", copied_in_window=m["maintenance_window"], rows_copied=res.rows,
-                              bytes_copied=res.bytes, copy_seconds=res.seconds)
-    return {"table": table, "rows": res.rows, "bytes": res.bytes}
+    chunks = ctx.tracking.chunks(mid, table)
+    rows, nbytes = sum(c["rows"] for c in chunks), sum(c["bytes"] for c in chunks)
+    ctx.tracking.update_table(mid, table, state="copied", rows_copied=rows, bytes_copied=nbytes,
+                              copy_seconds=time.monotonic() - t0)
+    ctx.log(progress.line(final=True) + f" in {len(todo)} chunks")
+    return {"table": table, "rows": rows, "bytes": nbytes}
+
+
+def sync_shared(ctx: MoveContext, mid: int) -> None:
+    copy_shared_rows(ctx, mid, in_window=True)
+
+
+def sync_table(ctx: MoveContext, mid: int, table: str) -> dict:
+    """In the write window: bring one table up to date with what changed since the pre-copy."""
+    m = ctx.tracking.get(mid)
+    _require_maintenance(ctx, m)
+    plan = load_plan(ctx, mid)
+    tp = plan.tables[table]
+    row = ctx.tracking.table(mid, table)
+    if row["state"] != "copied":
+        raise StateError(f"{table} was not pre-copied (state {row['state']}); re-run the copy phase")
+    column, bounds = _chunking(ctx, mid, table)
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    with src_cell.connect() as src, dst_cell.connect() as dst:
+        res = sync_changed_rows(src, dst, plan, tp, column, bounds, m["precopy_xmin"],
+                                _transformer(src, dst, plan, tp, src_cell, dst_cell), logger=ctx.log)
+    ctx.tracking.update_table(mid, table, synced_in_window=m["maintenance_window"], sync_detail=res)
+    return {"table": table, "changed": res["changed"]}
+
+
+def sync_deletions(ctx: MoveContext, mid: int) -> list[str]:
+    """Apply the source's deletions to the target, then check foreign keys; returns the tables to validate."""
+    m = ctx.tracking.get(mid)
+    _require_maintenance(ctx, m)
+    plan = load_plan(ctx, mid)
+    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
+    stale = [t for t, r in rows.items() if r["strategy"] == "org" and r["synced_in_window"] != m["maintenance_window"]]
+    if stale:
+        raise StateError(f"tables not synced in this maintenance window: {', '.join(sorted(stale))}")
+    todo = []
+    for t, r in sorted(rows.items()):
+        chunks = (r["sync_detail"] or {}).get("chunks_with_deletions") or []
+        if r["strategy"] == "org" and chunks:
+            column, bounds = _chunking(ctx, mid, t)
+            todo.append((plan.tables[t], column, bounds, chunks))
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    with src_cell.connect() as src, dst_cell.connect() as dst:
+        apply_deletions(src, dst, plan, todo, logger=ctx.log)
+    check_foreign_keys(ctx, mid)
+    ctx.tracking.phase_finished(mid, "sync")
+    return sorted(t for t, p in plan.tables.items() if p.strategy != "skip")
 
 
 def check_foreign_keys(ctx: MoveContext, mid: int) -> None:
     """Every foreign key of the org's rows on the target points at an existing row."""
     m = ctx.tracking.get(mid)
     plan = load_plan(ctx, mid)
-    not_copied = [t["table_name"] for t in ctx.tracking.tables(mid)
-                  if t["strategy"] == "org" and (t["state"] != "copied" or t["copied_in_window"] != m["maintenance_window"])]
-    if not_copied:
-        raise StateError(f"tables not copied in this maintenance window: {', '.join(not_copied)}")
     with ctx.cell(m["target_cell"]).connect() as dst:
         problems = fk_violations(dst, plan, read_catalog(dst))
     if problems:
         raise ValidationFailed("foreign keys of the organization's rows are broken on the target:\n  - " + "\n  - ".join(problems))
-    ctx.tracking.transition(mid, "copied", ("copying", "copied"))
-    ctx.tracking.phase_finished(mid, "copy")
-    ctx.tracking.phase_started(mid, "validate")  # finished by go_no_go
     ctx.log(f"foreign keys of organization {m['organization_id']} on {m['target_cell']}: all resolved")
+
+
+def precopy_done(ctx: MoveContext, mid: int) -> None:
+    m = ctx.tracking.get(mid)
+    pending = [t["table_name"] for t in ctx.tracking.tables(mid) if t["strategy"] == "org" and t["state"] != "copied"]
+    if pending:
+        raise StateError(f"tables not pre-copied: {', '.join(pending)}")
+    if m["state"] == "copying":
+        ctx.tracking.update(mid, state="copied")
+    ctx.tracking.phase_finished(mid, "copy")
 
 
 # ------------------------------------------------------------------------------------------ validate
@@ -355,13 +445,18 @@ def validate_one(ctx: MoveContext, mid: int, table: str) -> dict:
     plan = load_plan(ctx, mid)
     tp = plan.tables[table]
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
-    if m["state"] in ("copied",):
-        ctx.tracking.transition(mid, "validating", ("copied", "validating"))
+    row = ctx.tracking.table(mid, table)
+    if row["validated_in_window"] == m["maintenance_window"] and row["validation_state"] == "passed":
+        ctx.log(f"validate {table}: already passed in this window")
+        return {"table": table, "ok": True}
+    if m["state"] == "quiesced":
+        ctx.tracking.update(mid, state="validating")
     t0 = time.monotonic()
     res = validate_table(src_cell.connect, dst_cell.connect, tp, src_cell.key, dst_cell.key)
     ctx.tracking.update_table(mid, table, source_rows=res.source_rows, target_rows=res.target_rows,
                               source_checksum=res.source_checksum, target_checksum=res.target_checksum,
-                              validation_state="passed" if res.ok else "failed", validation_detail=res.to_dict())
+                              validation_state="passed" if res.ok else "failed", validation_detail=res.to_dict(),
+                              validated_in_window=m["maintenance_window"])
     ctx.log(f"validate {table}: {res.source_rows:,} rows on source, {res.target_rows:,} on target, "
             f"{'match' if res.ok else 'MISMATCH'} ({time.monotonic() - t0:.2f}s)")
     if res.diff:
@@ -376,7 +471,7 @@ def go_no_go(ctx: MoveContext, mid: int) -> Path:
     """Aggregate validation; write the readable validation report; fail on any difference."""
     m = ctx.tracking.get(mid)
     tables = [t for t in ctx.tracking.tables(mid) if t["strategy"] in ("org", "shared")]
-    pending = [t["table_name"] for t in tables if t["validation_state"] == "pending"]
+    pending = [t["table_name"] for t in tables if t["validated_in_window"] != m["maintenance_window"]]
     failed = [t for t in tables if t["validation_state"] == "failed"]
     text = report.validation_report(m, tables)
     ctx.reports_dir.mkdir(parents=True, exist_ok=True)
@@ -391,7 +486,7 @@ def go_no_go(ctx: MoveContext, mid: int) -> Path:
     if failed:
         raise ValidationFailed(f"{len(failed)} tables differ between cells: "
                                f"{', '.join(t['table_name'] for t in failed)}; route not switched (report: {path})")
-    ctx.tracking.transition(mid, "validated", ("validating", "copied", "validated"))
+    ctx.tracking.transition(mid, "validated", ("validating", "quiesced", "validated"))
     ctx.tracking.phase_finished(mid, "validate")
     return path
 

@@ -305,3 +305,138 @@ def check_shared_matches(src: psycopg.Connection, dst: psycopg.Connection, plan:
 
 __all__ = ["CopyResult", "Progress", "copy_org_table", "sync_shared_table", "key_collisions", "delete_org_rows",
            "org_stats", "check_shared_matches", "PreflightError"]
+
+
+# ---------------------------------------------------------------------------- chunks and change sync
+INTEGER_TYPES = {"bigint", "integer", "smallint"}
+
+
+def chunk_bounds(conn: psycopg.Connection, tp: TablePlan, column: str, chunk_rows: int) -> list[int]:
+    """Lower bounds of chunks 2..n: every ``chunk_rows``-th value of ``column`` among the org's rows."""
+    rows = conn.execute(
+        f"SELECT k FROM (SELECT t.{qi(column)} AS k, row_number() OVER (ORDER BY t.{qi(column)}) AS rn "
+        f"FROM {qi(tp.table)} t WHERE {tp.where}) s WHERE rn > 1 AND rn % {int(chunk_rows)} = 1 ORDER BY k").fetchall()
+    return sorted({r[0] for r in rows})
+
+
+def range_sql(column: str | None, lo: int | None, hi: int | None, alias: str = "t") -> str:
+    parts = []
+    if column and lo is not None:
+        parts.append(f"{alias}.{qi(column)} >= {int(lo)}")
+    if column and hi is not None:
+        parts.append(f"{alias}.{qi(column)} < {int(hi)}")
+    return " AND ".join(parts) or "true"
+
+
+def bucket_sql(column: str | None, bounds: list[int], alias: str = "t") -> str:
+    """The chunk number of a row: width_bucket over the chunk bounds (0 when the table is one chunk)."""
+    if not column or not bounds:
+        return "0"
+    return f"width_bucket({alias}.{qi(column)}, ARRAY[{', '.join(str(int(b)) for b in bounds)}]::bigint[])"
+
+
+def _stream_keys(src: psycopg.Connection, dcur: psycopg.Cursor, tp: TablePlan, where: str, temp: str) -> None:
+    keys = ", ".join(f"t.{qi(c)}" for c in tp.key)
+    dcur.execute(f"CREATE TEMP TABLE {temp} ON COMMIT DROP AS SELECT {keys} FROM {qi(tp.table)} t WITH NO DATA")
+    with src.cursor() as scur:
+        with scur.copy(f"COPY (SELECT {keys} FROM {qi(tp.table)} t WHERE {where}) TO STDOUT (FORMAT binary)") as cin, \
+                dcur.copy(f"COPY {temp} FROM STDIN (FORMAT binary)") as cout:
+            for data in cin:
+                cout.write(data)
+
+
+def copy_chunk(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan, tp: TablePlan, column: str | None,
+               lo: int | None, hi: int | None, transform: Callable[[tuple], tuple] | None, progress: Progress) -> int:
+    """Copy one chunk of the org's rows in one target transaction, replacing whatever an earlier,
+    interrupted attempt of the same chunk left there (found by the source's keys and by the org
+    predicate on the target). Killing the process at any point leaves either the whole chunk or none."""
+    rng = range_sql(column, lo, hi)
+    where = f"({tp.where}) AND {rng}"
+    cols = ", ".join(qi(c) for c in tp.columns)
+    match = " AND ".join(f"t.{qi(c)} = k.{qi(c)}" for c in tp.key)
+    try:
+        src.commit()
+        with src.transaction(), dst.transaction():
+            with dst.cursor() as dcur:
+                dcur.execute("SET LOCAL session_replication_role = replica")
+                _stream_keys(src, dcur, tp, where, "_om_chunk_keys")
+                dcur.execute(f"DELETE FROM {qi(tp.table)} t WHERE {rng} AND (({tp.where}) OR EXISTS "
+                             f"(SELECT 1 FROM _om_chunk_keys k WHERE {match}))")
+                return stream_rows(src, dcur, f"SELECT {', '.join('t.' + qi(c) for c in tp.columns)} FROM {qi(tp.table)} t "
+                                   f"WHERE {where}", f"COPY {qi(tp.table)} ({cols}) FROM STDIN", progress, transform)
+    except psycopg.errors.UniqueViolation as e:
+        raise CopyError(f"{tp.table}: a row of the organization already exists on the target "
+                        f"({e.diag.message_detail or e}); nothing of this chunk was written") from e
+    except psycopg.Error as e:
+        raise CopyError(f"{tp.table}: copy failed, nothing of this chunk was written: {str(e).strip()}") from e
+
+
+def modified_sql(xmin: int, alias: str = "t") -> str:
+    """Rows written by a transaction at or after ``xmin`` (the oldest transaction that was still
+    running when the pre-copy started): they may have changed since they were copied."""
+    return f"age({alias}.xmin) <= age('{int(xmin) % (1 << 32)}'::xid)"
+
+
+def bucket_counts(conn: psycopg.Connection, tp: TablePlan, column: str | None, bounds: list[int]) -> dict[int, int]:
+    b = bucket_sql(column, bounds)
+    return {int(k): int(n) for k, n in conn.execute(f"SELECT {b}, count(*) FROM {qi(tp.table)} t WHERE {tp.where} GROUP BY 1")}
+
+
+def sync_changed_rows(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan, tp: TablePlan, column: str | None,
+                      bounds: list[int], xmin: int, transform: Callable[[tuple], tuple] | None,
+                      logger: Callable[[str], None] | None = None) -> dict:
+    """In the write window: re-copy the org's rows written since the pre-copy started (inserted or
+    updated), then compare row counts per chunk to find chunks where rows were deleted on the source.
+    Deletions are applied by :func:`apply_deletions` once every table is synced."""
+    progress = Progress(f"sync {tp.table}", logger=logger)
+    cols = ", ".join(qi(c) for c in tp.columns)
+    match = " AND ".join(f"t.{qi(c)} = s.{qi(c)}" for c in tp.key)
+    src.commit()
+    with src.transaction(), dst.transaction():
+        with dst.cursor() as dcur:
+            dcur.execute("SET LOCAL session_replication_role = replica")
+            dcur.execute(f"CREATE TEMP TABLE _om_changed ON COMMIT DROP AS SELECT {cols} FROM {qi(tp.table)} WITH NO DATA")
+            changed = stream_rows(src, dcur, f"SELECT {', '.join('t.' + qi(c) for c in tp.columns)} FROM {qi(tp.table)} t "
+                                  f"WHERE ({tp.where}) AND {modified_sql(xmin)}", f"COPY _om_changed ({cols}) FROM STDIN",
+                                  progress, transform)
+            if changed:
+                dcur.execute(f"DELETE FROM {qi(tp.table)} t USING _om_changed s WHERE {match}")
+                dcur.execute(f"INSERT INTO {qi(tp.table)} ({cols}) SELECT {cols} FROM _om_changed")
+            dst_counts = bucket_counts(dst, tp, column, bounds)
+    src_counts = bucket_counts(src, tp, column, bounds)
+    src.commit()
+    differ = sorted(b for b in set(src_counts) | set(dst_counts) if src_counts.get(b, 0) != dst_counts.get(b, 0))
+    (logger or log.info)(f"sync {tp.table}: {changed:,} rows written since the pre-copy re-copied; "
+                         f"{len(differ)} chunks with deleted rows")
+    return {"changed": changed, "chunks_with_deletions": differ,
+            "extra_on_target": sum(dst_counts.get(b, 0) - src_counts.get(b, 0) for b in differ)}
+
+
+def apply_deletions(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan,
+                    todo: list[tuple[TablePlan, str | None, list[int], list[int]]],
+                    logger: Callable[[str], None] | None = None) -> dict[str, int]:
+    """Delete from the target the org's rows that no longer exist on the source, in the chunks
+    ``todo`` names (table plan, chunk column, bounds, chunk numbers). Every table's rows to delete
+    are computed first (the org predicate on the target still sees their parents), then deleted,
+    in one transaction."""
+    counts: dict[str, int] = {}
+    if not todo:
+        return counts
+    with dst.transaction():
+        with dst.cursor() as dcur:
+            dcur.execute("SET LOCAL session_replication_role = replica")
+            for i, (tp, column, bounds, chunks) in enumerate(todo):
+                in_chunks = f"{bucket_sql(column, bounds)} IN ({', '.join(str(int(c)) for c in chunks)})"
+                _stream_keys(src, dcur, tp, f"({tp.where}) AND {in_chunks}", f"_om_src_{i}")
+                keys = ", ".join(f"t.{qi(c)}" for c in tp.key)
+                match = " AND ".join(f"t.{qi(c)} = k.{qi(c)}" for c in tp.key)
+                dcur.execute(f"CREATE TEMP TABLE _om_gone_{i} ON COMMIT DROP AS SELECT {keys} FROM {qi(tp.table)} t "
+                             f"WHERE ({tp.where}) AND {in_chunks} AND NOT EXISTS (SELECT 1 FROM _om_src_{i} k WHERE {match})")
+            for i, (tp, _, _, _) in enumerate(todo):
+                match = " AND ".join(f"t.{qi(c)} = g.{qi(c)}" for c in tp.key)
+                dcur.execute(f"DELETE FROM {qi(tp.table)} t USING _om_gone_{i} g WHERE {match}")
+                counts[tp.table] = dcur.rowcount
+    src.commit()
+    (logger or log.info)(f"deleted on the target {sum(counts.values()):,} rows deleted on the source since the pre-copy: "
+                         + ", ".join(f"{t} {n}" for t, n in counts.items() if n))
+    return counts

@@ -314,6 +314,18 @@ class Planner:
             refs = ", ".join(f"{b}.{qi(c)}" for c in fk.ref_columns)
             return (f"({cols}) IN (SELECT {refs} FROM {qi(fk.ref_table)} {b} WHERE {inner})",
                     f"inferred: foreign key ({', '.join(fk.columns)}) -> {fk.ref_table}", True)
+        self_fks = [fk for fk in t.foreign_keys if fk.ref_table == table and len(fk.columns) == 1]
+        if org_fks and self_fks:
+            # a self-referencing tree: roots carry the org link, descendants reach it through the parent chain
+            parent = self_fks[0]
+            roots = " OR ".join(self._via(fk.columns[0], fk.ref_table, fk.ref_columns[0]).replace("{a}", "r")
+                                for fk in org_fks)
+            key = parent.ref_columns[0]
+            tree = (f"{{a}}.{qi(key)} IN (WITH RECURSIVE _tree AS (SELECT r.{qi(key)} FROM {qi(table)} r WHERE {roots} "
+                    f"UNION SELECT c.{qi(key)} FROM {qi(table)} c JOIN _tree ON c.{qi(parent.columns[0])} = _tree.{qi(key)}) "
+                    f"SELECT {qi(key)} FROM _tree)")
+            return (tree, f"inferred: tree via {parent.columns[0]} from roots with "
+                          + " or ".join(f"{fk.columns[0]} -> {fk.ref_table}" for fk in org_fks), True)
         if org_fks:
             parts = [self._via(fk.columns[0], fk.ref_table, fk.ref_columns[0]) for fk in org_fks]
             return ("(" + " OR ".join(parts) + ")",
@@ -348,7 +360,7 @@ class Planner:
                     refs.append((child.name, fk.columns[0], fk.ref_columns[0]))
         return sorted(refs)
 
-    def _shared_predicate(self, table: str, org_id: int, stack: tuple[str, ...] = ()) -> str:
+    def _shared_predicate(self, table: str, org_id: int, stack: tuple[str, ...] = (), alias: str = "t") -> str:
         parts = []
         for child, col, ref_col in self._shared_references(table):
             b = self._next_alias()
@@ -357,8 +369,8 @@ class Planner:
             elif child in stack:
                 continue
             else:
-                inner = self._shared_predicate(child, org_id, stack + (table,)).replace("t.", f"{b}.")
-            parts.append(f"t.{qi(ref_col)} IN (SELECT {b}.{qi(col)} FROM {qi(child)} {b} WHERE {inner})")
+                inner = self._shared_predicate(child, org_id, stack + (table,), alias=b)
+            parts.append(f"{alias}.{qi(ref_col)} IN (SELECT {b}.{qi(col)} FROM {qi(child)} {b} WHERE {inner})")
         return "(" + " OR ".join(parts) + ")" if parts else "false"
 
     # ------------------------------------------------------------------ the plan

@@ -71,6 +71,24 @@ CREATE TABLE IF NOT EXISTS orgmover.tables (
   updated_at timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (migration_id, table_name)
 );
+ALTER TABLE orgmover.migrations ADD COLUMN IF NOT EXISTS precopy_xmin bigint;
+ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS chunk_column text;
+ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS validated_in_window integer;
+ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS synced_in_window integer;
+ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS sync_detail jsonb;
+CREATE TABLE IF NOT EXISTS orgmover.chunks (
+  migration_id bigint NOT NULL REFERENCES orgmover.migrations(id) ON DELETE CASCADE,
+  table_name text NOT NULL,
+  chunk_no integer NOT NULL,
+  lo bigint,
+  hi bigint,
+  state text NOT NULL DEFAULT 'pending',
+  rows bigint NOT NULL DEFAULT 0,
+  bytes bigint NOT NULL DEFAULT 0,
+  attempts integer NOT NULL DEFAULT 0,
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (migration_id, table_name, chunk_no)
+);
 CREATE TABLE IF NOT EXISTS orgmover.events (
   id bigserial PRIMARY KEY,
   migration_id bigint REFERENCES orgmover.migrations(id) ON DELETE CASCADE,
@@ -196,10 +214,36 @@ class Tracking:
             c.execute(f"UPDATE orgmover.tables SET {sets}, updated_at = now() WHERE migration_id = %(_m)s AND table_name = %(_t)s",
                       params)
 
+    # -------------------------------------------------------------- chunks (resumable copy)
+    def init_chunks(self, mid: int, table: str, bounds: list[int]) -> None:
+        """Chunks [None, b1), [b1, b2), ..., [bn, None) of a table; kept if already planned."""
+        edges = [None, *bounds, None]
+        with self.conn() as c:
+            if c.execute("SELECT 1 FROM orgmover.chunks WHERE migration_id = %s AND table_name = %s LIMIT 1",
+                         (mid, table)).fetchone():
+                return
+            with c.cursor() as cur:
+                cur.executemany("INSERT INTO orgmover.chunks (migration_id, table_name, chunk_no, lo, hi) VALUES (%s, %s, %s, %s, %s)",
+                                [(mid, table, i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)])
+
+    def chunks(self, mid: int, table: str) -> list[dict]:
+        with self.conn() as c:
+            return c.execute("SELECT * FROM orgmover.chunks WHERE migration_id = %s AND table_name = %s ORDER BY chunk_no",
+                             (mid, table)).fetchall()
+
+    def update_chunk(self, mid: int, table: str, no: int, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = %({k})s" for k in fields)
+        with self.conn() as c:
+            c.execute(f"UPDATE orgmover.chunks SET {sets}, updated_at = now() WHERE migration_id = %(_m)s "
+                      f"AND table_name = %(_t)s AND chunk_no = %(_n)s", {**fields, "_m": mid, "_t": table, "_n": no})
+
     def reset_tables(self, mid: int) -> None:
         with self.conn() as c:
             c.execute("UPDATE orgmover.tables SET state = 'pending', copied_in_window = NULL, rows_copied = 0, "
-                      "bytes_copied = 0, validation_state = 'pending', error = NULL WHERE migration_id = %s", (mid,))
+                      "bytes_copied = 0, validation_state = 'pending', validated_in_window = NULL, synced_in_window = NULL, "
+                      "error = NULL WHERE migration_id = %s", (mid,))
+            c.execute("UPDATE orgmover.chunks SET state = 'pending', rows = 0, bytes = 0 WHERE migration_id = %s", (mid,))
+            c.execute("UPDATE orgmover.migrations SET precopy_xmin = NULL WHERE id = %s", (mid,))
 
 
 def dumps(obj: Any) -> str:

@@ -121,14 +121,39 @@ class CopyTableOperator(OrgMoveBaseOperator):
         return mover.copy_table(self.move_context(), self.mid, self.table)
 
 
-class ForeignKeyCheckOperator(OrgMoveBaseOperator):
-    """Checks the org's foreign keys on the target; returns the tables to validate (org and shared)."""
+class PrecopyDoneOperator(OrgMoveBaseOperator):
+    """Checks that every table was pre-copied before the write window opens."""
 
     def run_phase(self, context: Any):
-        ctx = self.move_context()
-        mover.check_foreign_keys(ctx, self.mid)
-        plan = mover.load_plan(ctx, self.mid)
-        return sorted(t for t, p in plan.tables.items() if p.strategy != "skip")
+        mover.precopy_done(self.move_context(), self.mid)
+
+
+class SyncSharedOperator(OrgMoveBaseOperator):
+    """In the window: shared rows referenced since the pre-copy (new users, LFS objects...)."""
+
+    def run_phase(self, context: Any):
+        mover.sync_shared(self.move_context(), self.mid)
+
+
+class SyncTableOperator(OrgMoveBaseOperator):
+    """In the window: re-copies the rows of one table written since the pre-copy started."""
+
+    template_fields = ("migration_id", "table")
+    ui_color = "#e6f4ea"
+
+    def __init__(self, *, table: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.table = table
+
+    def run_phase(self, context: Any):
+        return mover.sync_table(self.move_context(), self.mid, self.table)
+
+
+class SyncDeletionsOperator(OrgMoveBaseOperator):
+    """In the window: applies the source's deletions, checks foreign keys; returns the tables to validate."""
+
+    def run_phase(self, context: Any):
+        return mover.sync_deletions(self.move_context(), self.mid)
 
 
 class ValidateTableOperator(OrgMoveBaseOperator):
