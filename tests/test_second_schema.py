@@ -21,7 +21,7 @@ from orgmover import gitlab
 from orgmover.catalog import load_dictionary, read_catalog
 from orgmover.cells import Cell
 from orgmover.cli import run_move
-from orgmover.mover import MoveContext, dry_run
+from orgmover.mover import MoveContext, dry_run, run_checks
 from orgmover.plan import Planner
 
 HERE = Path(__file__).resolve().parent / "second_schema"
@@ -159,8 +159,9 @@ def _seed(uri: str) -> dict[int, dict[str, int]]:
                              (acc, customers[i % len(customers)], None if i % 3 == 2 else agents[i % len(agents)],
                               prio[PRIORITIES[rnd.randrange(len(PRIORITIES))][0]], f"Printer {k}-{i} is ON FIRE",
                               ("open", "pending", "solved")[i % 3], opened))
-                add("attachments", "INSERT INTO attachments (attachable_type, attachable_id, filename, byte_size) "
-                    "VALUES ('Ticket', %s, %s, %s)", (ticket, f"screenshot-{k}-{i}.png", 1000 + rnd.randrange(50000)))
+                add("attachments", "INSERT INTO attachments (attachable_type, attachable_id, uploader_agent_id, filename, "
+                    "byte_size) VALUES ('Ticket', %s, NULL, %s, %s)",  # the customer's screenshot
+                    (ticket, f"screenshot-{k}-{i}.png", 1000 + rnd.randrange(50000)))
                 for tag in rnd.sample(tags, rnd.randrange(len(tags) + 1)):
                     add("ticket_tags", "INSERT INTO ticket_tags (ticket_id, tag_id) VALUES (%s, %s)", (ticket, tag))
                 for e in range(3):  # events in the 2024, 2025 and 2026 partitions
@@ -175,9 +176,11 @@ def _seed(uri: str) -> dict[int, dict[str, int]]:
                                   (ticket, None if j == 0 else agents[(i + j) % len(agents)], f"comment {k}-{i}-{j}",
                                    internal, opened + timedelta(minutes=15 * (j + 1))))
                     if j != 2:
-                        add("attachments", "INSERT INTO attachments (attachable_type, attachable_id, filename, byte_size) "
-                            "VALUES (%s, %s, %s, %s)", ("Helpdesk::InternalNote" if internal else "TicketComment", comment,
-                                                        f"log-{k}-{i}-{j}.txt", 10 + rnd.randrange(9000)))
+                        add("attachments", "INSERT INTO attachments (attachable_type, attachable_id, uploader_agent_id, "
+                            "filename, byte_size) VALUES (%s, %s, %s, %s, %s)",
+                            ("Helpdesk::InternalNote" if internal else "TicketComment", comment,
+                             None if j == 0 else agents[(i + j) % len(agents)], f"log-{k}-{i}-{j}.txt",
+                             10 + rnd.randrange(9000)))
                     for emoji in ("thumbsup", "tada")[: (i + j) % 3]:
                         add("comment_reactions", "INSERT INTO comment_reactions (comment_id, emoji) VALUES (%s, %s)",
                             (comment, emoji))
@@ -341,3 +344,27 @@ def test_dry_run_lists_every_table_and_changes_nothing(helpdesk, devenv):
         assert row is not None, f"{table} not listed as {strategy}"
         assert ("[inferred]" in row) == inferred, row
     assert f"Organization rows: {sum(created[DRY].values()):,} in {len(ACCOUNT_ROWS)} tables" in text
+
+
+def test_preflight_compares_schema_versions_and_requires_lookup_rows(helpdesk):
+    ctx, uris, created = helpdesk
+    acc = ACCOUNTS[0]
+    with psycopg.connect(uris["cell-1"], autocommit=True) as c:
+        c.execute("INSERT INTO schema_migrations (version) VALUES ('20250701000000')")
+        try:
+            problems = run_checks(ctx, acc, "legacy", "cell-1").problems
+        finally:
+            c.execute("DELETE FROM schema_migrations WHERE version = '20250701000000'")
+    assert problems == ["schema versions differ: legacy is at 20250612093000, cell-1 is at 20250701000000; "
+                        "migrate both cells to the same version first"]
+    with psycopg.connect(uris["legacy"]) as c:
+        code = c.execute("SELECT min(p.code) FROM tickets t JOIN priorities p ON p.id = t.priority_id "
+                         "WHERE t.account_id = %s", (acc,)).fetchone()[0]
+    with psycopg.connect(uris["cell-1"], autocommit=True) as c:
+        c.execute("UPDATE priorities SET code = code || '-renamed' WHERE code = %s", (code,))
+        try:
+            problems = run_checks(ctx, acc, "legacy", "cell-1").problems
+        finally:
+            c.execute("UPDATE priorities SET code = %s WHERE code = %s", (code, code + "-renamed"))
+    assert problems == [f"priorities: code = {code} exists on the source but not on the target cell (no mapping)"]
+    assert run_checks(ctx, acc, "legacy", "cell-1").problems == []

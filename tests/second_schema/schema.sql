@@ -69,10 +69,11 @@ CREATE TABLE comment_reactions (                       -- depth 3: comment_id ->
     emoji text NOT NULL
 );
 
-CREATE TABLE attachments (                             -- polymorphic owner, no foreign key at all
+CREATE TABLE attachments (                             -- polymorphic owner; the uploader is NULL for customers' files
     id bigserial PRIMARY KEY,
     attachable_type text NOT NULL,
     attachable_id bigint NOT NULL,
+    uploader_agent_id bigint REFERENCES agents (id),
     filename text NOT NULL,
     byte_size bigint NOT NULL
 );

@@ -1,0 +1,150 @@
+"""The PostgreSQL mover against real cells, without Airflow: change sync in the write window,
+row-level diff of a corrupted target row, rollback, and a real copy process killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from orgmover import mover
+from orgmover.cli import run_move
+from orgmover.errors import ValidationFailed
+from verify import check_move, snapshot
+
+
+def _snap(devenv, cell):
+    c = devenv.resolve_cell(cell)
+    return snapshot(c.dsn, c.db_key_base)
+
+
+def _org_count(dsn, sql, org_id) -> int:
+    with psycopg.connect(dsn) as c:
+        return c.execute(sql, (org_id,)).fetchone()[0]
+
+
+ISSUES_OF_ORG = "SELECT count(*) FROM issues i JOIN namespaces n ON n.id = i.namespace_id WHERE n.organization_id = %s"
+
+
+def test_changes_after_precopy_are_synced_in_the_window(devenv, seeded, ctx):
+    org = seeded["kappa"]
+    src_dsn = devenv.resolve_cell("legacy").dsn
+    dst_before = _snap(devenv, "cell-1")
+    changes = {}
+
+    def write_while_writable(mid):
+        # the org is still writable: an update, an insert, a delete (with its notes) happen after the pre-copy
+        with psycopg.connect(src_dsn) as c:
+            ids = [r[0] for r in c.execute("SELECT i.id FROM issues i JOIN namespaces n ON n.id = i.namespace_id "
+                                           "WHERE n.organization_id = %s ORDER BY i.id", (org.id,))]
+            c.execute("UPDATE issues SET title = 'edited after the pre-copy', updated_at = now() WHERE id = %s", (ids[0],))
+            gone = c.execute("DELETE FROM notes WHERE noteable_type = 'Issue' AND noteable_id = %s", (ids[-1],)).rowcount
+            c.execute("DELETE FROM label_links WHERE target_type = 'Issue' AND target_id = %s", (ids[-1],))
+            c.execute("DELETE FROM issues WHERE id = %s", (ids[-1],))
+            i = c.execute("SELECT namespace_id, project_id, author_id FROM issues WHERE id = %s", (ids[0],)).fetchone()
+            c.execute("INSERT INTO notes (noteable_type, noteable_id, project_id, author_id, note) VALUES "
+                      "('Issue', %s, %s, %s, 'written after the pre-copy')", (ids[0], i[1], i[2]))
+            changes["deleted_notes"] = gone
+        changes["src"] = _snap(devenv, "legacy")
+
+    mid = run_move(ctx, org.id, "legacy", "cell-1", before_window=write_while_writable)
+    assert ctx.tracking.get(mid)["state"] == "completed"
+    details = {t["table_name"]: t["sync_detail"] for t in ctx.tracking.tables(mid) if t["sync_detail"]}
+    assert details["issues"]["changed"] == 1 and details["notes"]["changed"] == 1
+    # the window re-copied only the rows written since the pre-copy, not the org
+    assert sum(d["changed"] for d in details.values()) < 10
+    expected = dict(org.rows)
+    expected["issues"] -= 1
+    expected["notes"] += 1 - changes["deleted_notes"]
+    expected.pop("label_links")  # the deleted issue's label links are gone too (checked row by row below)
+    assert check_move(changes["src"], _snap(devenv, "legacy"), dst_before, _snap(devenv, "cell-1"), expected) == []
+    with psycopg.connect(devenv.resolve_cell("cell-1").dsn) as c:
+        assert c.execute("SELECT count(*) FROM issues WHERE title = 'edited after the pre-copy'").fetchone()[0] == 1
+    assert _org_count(devenv.resolve_cell("cell-1").dsn, ISSUES_OF_ORG, org.id) == org.rows["issues"] - 1
+
+
+def test_corrupted_target_row_is_reported_with_its_key_and_rollback(devenv, seeded, ctx):
+    org = seeded["lambda"]
+    dst_dsn = devenv.resolve_cell("cell-1").dsn
+    corrupted = {}
+
+    def corrupt_target(mid):
+        with psycopg.connect(dst_dsn) as c:
+            iid = c.execute("SELECT min(i.id) FROM issues i JOIN namespaces n ON n.id = i.namespace_id "
+                            "WHERE n.organization_id = %s", (org.id,)).fetchone()[0]
+            c.execute("UPDATE issues SET title = 'bit rot' WHERE id = %s", (iid,))
+            corrupted["id"] = iid
+
+    with pytest.raises(ValidationFailed, match="1 tables differ between cells: issues"):
+        run_move(ctx, org.id, "legacy", "cell-1", before_window=corrupt_target)
+    m = ctx.tracking.latest_for_org(org.id)
+    assert m["state"] == "failed"
+    detail = ctx.tracking.table(m["id"], "issues")["validation_detail"]["diff"]
+    assert detail["mismatched"] == 1 and detail["missing_on_target"] == 0 and detail["extra_on_target"] == 0
+    assert detail["samples"]["mismatched"] == [f"({corrupted['id']})"]
+    assert detail["matching"] == org.rows["issues"] - 1
+    report = (ctx.reports_dir / f"migration-{m['id']}-validation.txt").read_text()
+    assert "RESULT: FAILED" in report and f"mismatched 1 (keys ({corrupted['id']}))" in report
+    route = devenv.topology().route(org.id)
+    assert route["cell"] == "legacy" and route["maintenance"] is False
+
+    counts = mover.rollback(ctx, m["id"])
+    assert counts["issues"] == org.rows["issues"]
+    assert _org_count(dst_dsn, ISSUES_OF_ORG, org.id) == 0
+    assert ctx.tracking.get(m["id"])["state"] == "rolled_back"
+    assert ctx.tracking.active_for_org(org.id) is None
+
+
+def test_kill_9_mid_chunk_then_resume(devenv, seeded, ctx, tmp_root):
+    """A real `orgmover copy-table` process is killed with SIGKILL while it copies; re-running resumes
+    at the first chunk not recorded, with no duplicate and no missing row."""
+    org = seeded["iota"]
+    ctx.chunk_rows = 250
+    mid = mover.preflight(ctx, org.id, "legacy", "cell-1", "kill-test")
+    mover.make_plan(ctx, mid)
+    mover.prepare_target(ctx, mid)
+    table = "notes"
+    chunks = ctx.tracking.chunks(mid, table)
+    assert len(chunks) > 20
+    env = dict(os.environ, ORGMOVER_HOME=str(devenv.home))
+    killed_mid_chunk = 0
+    for attempt in range(8):
+        proc = subprocess.Popen([sys.executable, "-m", "orgmover.cli", "--home", str(devenv.home), "copy-table",
+                                 str(mid), table], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start = sum(c["state"] == "copied" for c in ctx.tracking.chunks(mid, table))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if sum(c["state"] == "copied" for c in ctx.tracking.chunks(mid, table)) >= start + 2:
+                break
+            time.sleep(0.005)
+        if proc.poll() is not None:
+            break  # finished before we could kill it
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        states = [c["state"] for c in ctx.tracking.chunks(mid, table)]
+        if "copying" in states:
+            killed_mid_chunk += 1
+            if killed_mid_chunk >= 2:
+                break
+    assert killed_mid_chunk >= 1, "the copy process was never killed inside a chunk"
+    res = mover.copy_table(ctx, mid, table)  # the retry
+    chunks = ctx.tracking.chunks(mid, table)
+    assert all(c["state"] == "copied" for c in chunks)
+    assert any(c["attempts"] > 1 for c in chunks)
+    sql = ("SELECT id, md5(n::text) FROM notes n WHERE noteable_type IN ('Issue', 'MergeRequest', 'Snippet') "
+           "AND id = ANY(%s) ORDER BY id")
+    with psycopg.connect(devenv.resolve_cell("legacy").dsn) as s, psycopg.connect(devenv.resolve_cell("cell-1").dsn) as d:
+        plan = mover.load_plan(ctx, mid)
+        where = plan.tables[table].where
+        src_ids = [r[0] for r in s.execute(f"SELECT t.id FROM notes t WHERE {where}")]
+        src_rows = s.execute(sql, (src_ids,)).fetchall()
+        dst_rows = d.execute(sql, (src_ids,)).fetchall()
+        dup = d.execute("SELECT count(*) - count(DISTINCT id) FROM notes").fetchone()[0]
+    assert len(src_rows) == org.rows["notes"] == res["rows"]
+    assert dst_rows == src_rows and dup == 0
+    mover.rollback(ctx, mid)
