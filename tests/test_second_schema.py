@@ -260,8 +260,10 @@ def test_plan_classifies_every_table(helpdesk):
     assert how["team_memberships"] == "inferred: foreign key team_id -> teams"
     assert how["sla_policies"] == "inferred: foreign key team_id -> teams"
     assert how["canned_responses"] == "inferred: foreign key agent_id -> agents"
-    assert how["attachments"] == ("inferred polymorphic attachable_type/attachable_id: Helpdesk::InternalNote -> "
-                                  "ticket_comments, Ticket -> tickets, TicketComment -> ticket_comments")
+    # a nullable uploader FK alone would miss the customers' files: the polymorphic owner is OR-ed in
+    assert how["attachments"] == ("inferred: any of uploader_agent_id -> agents, polymorphic attachable_type/attachable_id: "
+                                  "Helpdesk::InternalNote -> ticket_comments, Ticket -> tickets, "
+                                  "TicketComment -> ticket_comments")
     assert "inferred: foreign key" in how["ticket_tags"]
     # keys: composite without id, unique key of a table without primary key, partition column in the key
     assert plan.tables["ticket_tags"].key == ["ticket_id", "tag_id"]

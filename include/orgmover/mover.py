@@ -48,6 +48,7 @@ class MoveContext:
     reports_dir: Path
     log: Callable[[str], None] = field(default=log.info)
     chunk_rows: int = field(default_factory=lambda: int(os.environ.get("ORGMOVER_CHUNK_ROWS", "20000")))
+    plans: dict = field(default_factory=dict, repr=False)
 
     def cell(self, name: str) -> Cell:
         return self.resolve_cell(check_cell_name(name))
@@ -72,10 +73,15 @@ def _catalog_and_plan(conn: psycopg.Connection, dictionary: dict, org_id: int) -
 
 
 def load_plan(ctx: MoveContext, mid: int) -> Plan:
+    """The migration's plan (read once per process: a plan does not change after the plan phase)."""
+    cached = ctx.plans.get(mid)
+    if cached is not None:
+        return cached
     m = ctx.tracking.get(mid)
     if not m["plan"]:
         raise StateError(f"migration {mid} has no plan yet; run the plan phase first")
-    return Plan.from_dict(m["plan"])
+    ctx.plans[mid] = Plan.from_dict(m["plan"])
+    return ctx.plans[mid]
 
 
 def _phase(ctx: MoveContext, mid: int, phase: str):
@@ -207,6 +213,7 @@ def make_plan(ctx: MoveContext, mid: int) -> list[str]:
                 if tp.strategy != "skip":
                     tp.est_rows, tp.est_bytes = org_stats(src, tp)
             ctx.tracking.update(mid, plan=plan.to_dict())
+            ctx.plans[mid] = plan
             ctx.tracking.init_tables(mid, [(t.table, t.strategy) for t in plan.tables.values() if t.strategy != "skip"])
             for tp in plan.of("org"):
                 first = catalog[tp.table].column(tp.key[0])
@@ -413,17 +420,24 @@ def sync_deletions(ctx: MoveContext, mid: int) -> list[str]:
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
     with src_cell.connect() as src, dst_cell.connect() as dst:
         apply_deletions(src, dst, plan, todo, logger=ctx.log)
-    check_foreign_keys(ctx, mid)
+    # the pre-copy's foreign keys were checked before the window; here only what the window touched:
+    # tables with rows written or deleted, and tables referencing a table with deletions
+    changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | {tp.table for tp, *_ in todo}
+    with dst_cell.connect() as dst:
+        catalog = read_catalog(dst)
+    deleted = {tp.table for tp, *_ in todo}
+    touched = changed | {t for t in plan.tables if any(fk.ref_table in deleted for fk in catalog[t].foreign_keys)}
+    check_foreign_keys(ctx, mid, touched)
     ctx.tracking.phase_finished(mid, "sync")
     return sorted(t for t, p in plan.tables.items() if p.strategy != "skip")
 
 
-def check_foreign_keys(ctx: MoveContext, mid: int) -> None:
-    """Every foreign key of the org's rows on the target points at an existing row."""
+def check_foreign_keys(ctx: MoveContext, mid: int, tables: set[str] | None = None) -> None:
+    """Every foreign key of the org's rows (of ``tables``, default all) on the target points at an existing row."""
     m = ctx.tracking.get(mid)
     plan = load_plan(ctx, mid)
     with ctx.cell(m["target_cell"]).connect() as dst:
-        problems = fk_violations(dst, plan, read_catalog(dst))
+        problems = fk_violations(dst, plan, read_catalog(dst), tables=tables)
     if problems:
         raise ValidationFailed("foreign keys of the organization's rows are broken on the target:\n  - " + "\n  - ".join(problems))
     ctx.log(f"foreign keys of organization {m['organization_id']} on {m['target_cell']}: all resolved")
@@ -434,6 +448,7 @@ def precopy_done(ctx: MoveContext, mid: int) -> None:
     pending = [t["table_name"] for t in ctx.tracking.tables(mid) if t["strategy"] == "org" and t["state"] != "copied"]
     if pending:
         raise StateError(f"tables not pre-copied: {', '.join(pending)}")
+    check_foreign_keys(ctx, mid)
     if m["state"] == "copying":
         ctx.tracking.update(mid, state="copied")
     ctx.tracking.phase_finished(mid, "copy")

@@ -16,7 +16,8 @@ How org rows are found, in order of precedence (the dictionary overrides inferen
   1. the dictionary's ``sharding_key`` (several nullable keys are OR-ed),
   2. the dictionary's ``org_mover.polymorphic`` owners (type + id columns),
   3. ``desired_sharding_key.backfill_via.parent`` (a foreign key to the parent),
-  4. inferred: a NOT NULL foreign key to an org table, else all nullable ones OR-ed,
+  4. inferred: a NOT NULL foreign key to an org table, else all nullable ones OR-ed (and with the
+     polymorphic owners of 5, if any: a row whose nullable keys are all NULL is still found),
   5. inferred: polymorphic ``<x>_type``/``<x>_id`` columns, type values read from the data and
      mapped to tables through the dictionary's ``classes``,
   6. inferred: a self-referencing tree (``parent_id``) whose roots are selected by 1-5.
@@ -326,13 +327,18 @@ class Planner:
                     f"SELECT {qi(key)} FROM _tree)")
             return (tree, f"inferred: tree via {parent.columns[0]} from roots with "
                           + " or ".join(f"{fk.columns[0]} -> {fk.ref_table}" for fk in org_fks), True)
-        if org_fks:
-            parts = [self._via(fk.columns[0], fk.ref_table, fk.ref_columns[0]) for fk in org_fks]
-            return ("(" + " OR ".join(parts) + ")",
-                    "inferred: any of " + ", ".join(f"{fk.columns[0]} -> {fk.ref_table}" for fk in org_fks), True)
-        # 5. inferred polymorphic owner columns
         names = {c.name for c in t.columns}
         pairs = sorted(n[:-5] for n in names if n.endswith("_type") and n[:-5] + "_id" in names)
+        if org_fks:
+            # a row whose nullable keys are all NULL is found only through its polymorphic owner, if it has one
+            parts = [self._via(fk.columns[0], fk.ref_table, fk.ref_columns[0]) for fk in org_fks]
+            hows = [f"{fk.columns[0]} -> {fk.ref_table}" for fk in org_fks]
+            for p in pairs:
+                expr, how = self._polymorphic(table, p + "_type", p + "_id", None)
+                parts.append(expr)
+                hows.append(how)
+            return "(" + " OR ".join(parts) + ")", "inferred: any of " + ", ".join(hows), True
+        # 5. inferred polymorphic owner columns
         if pairs:
             parts, hows = [], []
             for p in pairs:

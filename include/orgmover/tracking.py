@@ -104,11 +104,27 @@ class Tracking:
 
     def __init__(self, dsn: str):
         self.dsn = dsn
+        self._conn: psycopg.Connection | None = None
 
     @contextmanager
     def conn(self) -> Iterator[psycopg.Connection]:
-        with psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10) as c:
-            yield c
+        """One transaction on a connection kept open for the life of this object (reopened if broken)."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10)
+        c = self._conn
+        try:
+            with c.transaction():
+                yield c
+        except psycopg.OperationalError:
+            c.close()
+            raise
+        finally:
+            if not c.closed and c.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                c.rollback()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
 
     def ensure_schema(self) -> None:
         with self.conn() as c:

@@ -207,11 +207,12 @@ def validate_table(connect_src: Callable[[], psycopg.Connection], connect_dst: C
     return res
 
 
-def fk_violations(conn: psycopg.Connection, plan: Plan, catalog: Catalog, samples: int = 3) -> list[str]:
+def fk_violations(conn: psycopg.Connection, plan: Plan, catalog: Catalog, samples: int = 3,
+                  tables: set[str] | None = None) -> list[str]:
     """Foreign keys of the org's rows (and shared rows) that point at no row on this cell."""
     problems = []
     for tp in plan.tables.values():
-        if tp.strategy == "skip":
+        if tp.strategy == "skip" or (tables is not None and tp.table not in tables):
             continue
         for fk in catalog[tp.table].foreign_keys:
             parent = plan.tables.get(fk.ref_table)

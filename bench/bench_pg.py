@@ -1,0 +1,218 @@
+"""PostgreSQL benchmark of the mover on local cells, each number against a baseline measured in the
+same run. Run: `make bench` (or .venv/bin/python bench/bench_pg.py --filler-rows 10000000).
+
+  (a) pre-copy of a 100k-row org          vs  raw `psql COPY (<org query>) TO STDOUT | psql COPY ... FROM STDIN`
+  (b) write window with 1% of it changed  vs  a full re-copy of the org (the pre-copy)
+  (c) validation (checksums, both cells)  vs  a plain scan streaming the same rows from both cells
+  (d) moving a 1k-row org from a cell of ~N rows vs from a cell of ~100k rows
+  (e) peak memory (RSS) of a copy worker on the largest table of a large org vs a small org
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("XDG_RUNTIME_DIR", str(ROOT / ".orgmover" / "run"))
+Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True)
+
+from orgmover import gitlab, mover  # noqa: E402
+from orgmover.cli import run_move  # noqa: E402
+from orgmover.devenv import DevEnv  # noqa: E402
+from orgmover.localpg import bin_dir  # noqa: E402
+from orgmover.plan import qi  # noqa: E402
+from orgmover.report import table  # noqa: E402
+from orgmover.seed import OrgSpec, seed  # noqa: E402
+
+
+def timed(fn, *a, **kw):
+    t = time.monotonic()
+    r = fn(*a, **kw)
+    return time.monotonic() - t, r
+
+
+def precopy(ctx, mid, tables):
+    mover.prepare_target(ctx, mid)
+    for t in tables:
+        mover.copy_table(ctx, mid, t)
+    mover.precopy_done(ctx, mid)
+
+
+def window(ctx, mid, tables):
+    mover.maintenance_on(ctx, mid)
+    mover.sync_shared(ctx, mid)
+    for t in tables:
+        mover.sync_table(ctx, mid, t)
+    return mover.sync_deletions(ctx, mid)
+
+
+def raw_pipe(src_dsn: str, dst_dsn: str, plan) -> int:
+    """psql | psql per table, the same rows, into an empty copy of the schema."""
+    psql = str(bin_dir() / "psql")
+    n = 0
+    for tp in plan.of("org"):
+        cols = ", ".join(qi(c) for c in tp.columns)
+        out = subprocess.Popen([psql, "-X", "-q", src_dsn, "-c", f"COPY ({tp.select_sql()}) TO STDOUT (FORMAT binary)"],
+                               stdout=subprocess.PIPE)
+        res = subprocess.run([psql, "-X", "-v", "ON_ERROR_STOP=1", dst_dsn, "-c", "SET session_replication_role = replica",
+                              "-c", f"COPY {qi(tp.table)} ({cols}) FROM STDIN (FORMAT binary)"],
+                             stdin=out.stdout, capture_output=True, text=True)
+        out.wait()
+        if res.returncode:
+            raise SystemExit(f"raw pipe failed for {tp.table}: {res.stderr}")
+        n += int(res.stdout.split()[-1])
+    return n
+
+
+def plain_scan(src_dsn: str, dst_dsn: str, plan) -> None:
+    def scan(dsn):
+        with psycopg.connect(dsn) as c, c.cursor() as cur:
+            for tp in plan.tables.values():
+                if tp.strategy == "skip":
+                    continue
+                with cur.copy(f"COPY ({tp.select_sql()}) TO STDOUT") as cp:
+                    for _ in cp:
+                        pass
+    with ThreadPoolExecutor(2) as ex:
+        list(ex.map(scan, [src_dsn, dst_dsn]))
+
+
+def change_one_percent(dsn: str, org_id: int, rows: int) -> int:
+    n = max(rows // 100, 1)
+    per = n // 4
+    with psycopg.connect(dsn) as c:
+        ns = "SELECT id FROM namespaces WHERE organization_id = %s"
+        c.execute(f"UPDATE issues SET title = title || ' (edited)' WHERE id IN (SELECT id FROM issues WHERE namespace_id IN ({ns}) "
+                  f"ORDER BY random() LIMIT {per})", (org_id,))
+        c.execute(f"UPDATE notes SET note = coalesce(note, '') || ' (edited)' WHERE id IN (SELECT n.id FROM notes n "
+                  f"JOIN issues i ON n.noteable_type = 'Issue' AND i.id = n.noteable_id WHERE i.namespace_id IN ({ns}) "
+                  f"ORDER BY random() LIMIT {per})", (org_id,))
+        c.execute(f"DELETE FROM label_links WHERE id IN (SELECT l.id FROM label_links l JOIN labels b ON b.id = l.label_id "
+                  f"JOIN projects p ON p.id = b.project_id WHERE p.organization_id = %s ORDER BY random() LIMIT {per})", (org_id,))
+        c.execute(f"INSERT INTO events (project_id, author_id, action, target_type) SELECT project_id, author_id, 5, 'Bench' "
+                  f"FROM events WHERE project_id IN (SELECT id FROM projects WHERE organization_id = %s) LIMIT {n - 3 * per}",
+                  (org_id,))
+    return n
+
+
+def peak_rss_of_copy(home: Path, mid: int, table_name: str) -> float:
+    proc = subprocess.Popen([sys.executable, "-m", "orgmover.cli", "--home", str(home), "copy-table", str(mid), table_name],
+                            stdout=subprocess.DEVNULL)
+    p, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, p.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.01)
+    if proc.returncode:
+        raise SystemExit(f"copy-table failed with {proc.returncode}")
+    return peak / (1 << 20)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--org-rows", type=int, default=100_000)
+    ap.add_argument("--filler-rows", type=int, default=10_000_000, help="rows on the busy source cell for (d)")
+    ap.add_argument("--home", default=str(ROOT / ".orgmover" / "bench"))
+    args = ap.parse_args()
+    env = DevEnv(Path(args.home))
+    env.down(destroy=True, log=lambda *_: None)
+    env.up(ncells=2, log=lambda *_: None)
+    ctx = env.context(log=lambda *_: None)
+    ctx.chunk_rows = 20_000
+    legacy = env.resolve_cell("legacy")
+    topo = env.topology()
+    print(f"seeding a {args.org_rows:,}-row org and two 1k-row orgs", flush=True)
+    orgs = seed(legacy.dsn, [OrgSpec("bench-a", args.org_rows), OrgSpec("small-one", 1000), OrgSpec("small-two", 1000)],
+                db_key_base=legacy.db_key_base, seed=1, log=lambda *_: None)
+    for o in orgs:
+        topo.create_route(o.id, "legacy")
+    a, s1, s2 = orgs
+    rows = []
+
+    # (a) pre-copy vs raw pipe
+    mid = mover.preflight(ctx, a.id, "legacy", "cell-1", "bench")
+    tables = mover.make_plan(ctx, mid)
+    plan = mover.load_plan(ctx, mid)
+    t_copy, _ = timed(precopy, ctx, mid, tables)
+    raw_db = "raw_target"
+    cell1 = env.load()["cells"][1]
+    env.cluster("cell-1", cell1["port"]).create_database(raw_db)
+    raw_dsn = env.cluster("cell-1", cell1["port"]).uri(raw_db)
+    gitlab.install_schema(raw_dsn, 1, "cell-1")
+    t_raw, raw_rows = timed(raw_pipe, legacy.dsn, raw_dsn, plan)
+    rows.append(["(a) org copy throughput", f"{a.total / t_copy:,.0f} rows/s ({t_copy:.2f}s)",
+                 f"raw psql|psql: {raw_rows / t_raw:,.0f} rows/s ({t_raw:.2f}s)", f"{t_raw / t_copy:.2f}x", ">= 1.0x"])
+
+    # (b) write window with 1% changed vs full re-copy
+    changed = change_one_percent(legacy.dsn, a.id, a.total)
+    t_win, validate_tables = timed(window, ctx, mid, tables)
+    rows.append([f"(b) write window, {changed:,} rows (1%) changed", f"{t_win:.2f}s", f"full re-copy: {t_copy:.2f}s",
+                 f"{t_win / t_copy:.3f}x", "<= 0.1x"])
+
+    # (c) validation vs plain scan
+    t_val, _ = timed(lambda: [mover.validate_one(ctx, mid, t) for t in validate_tables])
+    t_scan, _ = timed(plain_scan, legacy.dsn, env.resolve_cell("cell-1").dsn, plan)
+    rows.append(["(c) validation of the org (both cells)", f"{t_val:.2f}s", f"plain scan: {t_scan:.2f}s",
+                 f"{t_scan / t_val:.2f}x speed", ">= 0.8x"])
+    mover.go_no_go(ctx, mid)
+    mover.switchover(ctx, mid)
+
+    # (d) cost follows the org, not the cell
+    with psycopg.connect(legacy.dsn) as c:
+        cell_rows_small = sum(r[0] for r in c.execute(
+            "SELECT greatest(reltuples, 0)::bigint FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND c.relkind = 'r'"))
+    t_small_cell, _ = timed(run_move, ctx, s1.id, "legacy", "cell-1")
+    print(f"seeding filler organizations up to {args.filler_rows:,} rows on the source cell", flush=True)
+    filler, left, i = [], args.filler_rows, 0
+    while left > 0:
+        n = min(1_000_000, left)
+        filler += seed(legacy.dsn, [OrgSpec(f"filler-{i}", n)], db_key_base=legacy.db_key_base, seed=100 + i, log=lambda *_: None)
+        left, i = left - n, i + 1
+    with psycopg.connect(legacy.dsn, autocommit=True) as c:
+        c.execute("ANALYZE")
+    for o in filler:
+        topo.create_route(o.id, "legacy")
+    t_big_cell, _ = timed(run_move, ctx, s2.id, "legacy", "cell-1")
+    rows.append([f"(d) move a 1k-row org", f"from a {args.filler_rows / 1e6:.0f}M-row cell: {t_big_cell:.2f}s",
+                 f"from a {max(cell_rows_small, a.total) / 1e3:.0f}k-row cell: {t_small_cell:.2f}s",
+                 f"{t_big_cell / t_small_cell:.2f}x", "<= 2x"])
+
+    # (e) peak memory of a copy worker on the largest table
+    def rss_for(org):
+        m = mover.preflight(ctx, org.id, "legacy", "cell-1", "bench-rss")
+        tabs = mover.make_plan(ctx, m)
+        mover.prepare_target(ctx, m)
+        p = mover.load_plan(ctx, m)
+        largest = max(tabs, key=lambda t: p.tables[t].est_bytes)
+        mb = peak_rss_of_copy(Path(args.home), m, largest)
+        mover.rollback(ctx, m)
+        return largest, p.tables[largest].est_rows, mb
+    big = max(filler, key=lambda o: o.total)
+    t_big, n_big, mb_big = rss_for(big)
+    extra = seed(legacy.dsn, [OrgSpec("rss-small", 3000)], db_key_base=legacy.db_key_base, seed=999, log=lambda *_: None)[0]
+    topo.create_route(extra.id, "legacy")
+    t_small, n_small, mb_small = rss_for(extra)
+    rows.append([f"(e) copy worker peak RSS, {t_big}", f"{n_big:,} rows: {mb_big:.0f} MiB", f"{n_small:,} rows: {mb_small:.0f} MiB",
+                 f"{mb_big / mb_small:.2f}x", "flat, < 300 MiB"])
+
+    print()
+    print(table(["measure", "orgmover", "baseline (same run)", "ratio", "goal"], rows))
+    env.down(destroy=True, log=lambda *_: None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
