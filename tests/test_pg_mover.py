@@ -148,3 +148,41 @@ def test_kill_9_mid_chunk_then_resume(devenv, seeded, ctx, tmp_root):
     assert len(src_rows) == org.rows["notes"] == res["rows"]
     assert dst_rows == src_rows and dup == 0
     mover.rollback(ctx, mid)
+
+
+def test_cleanup_of_the_source_is_guarded(devenv, seeded, ctx):
+    from orgmover.errors import StateError
+
+    org = seeded["mu"]
+    src_dsn = devenv.resolve_cell("legacy").dsn
+    mid = run_move(ctx, org.id, "legacy", "cell-1")
+    with pytest.raises(StateError, match="the retention period has not passed"):
+        mover.cleanup_source(ctx, mid, retention_seconds=3600)
+    # the route moved back by hand (say, an emergency): cleanup refuses
+    topo = devenv.topology()
+    r = topo.route(org.id)
+    back = topo.update_route(org.id, r["version"], cell="legacy")
+    with pytest.raises(StateError, match="routed to legacy, not to the target cell-1"):
+        mover.cleanup_source(ctx, mid, retention_seconds=0)
+    topo.update_route(org.id, back["version"], cell="cell-1")
+    assert _org_count(src_dsn, ISSUES_OF_ORG, org.id) == org.rows["issues"]
+
+    others_before = {n: _snap(devenv, "legacy").tables for n in ["x"]}["x"]
+    with psycopg.connect(src_dsn) as c:
+        shared_lfs = c.execute(
+            "SELECT DISTINCT l.id FROM lfs_objects l JOIN lfs_objects_projects a ON a.lfs_object_id = l.id "
+            "JOIN projects p ON p.id = a.project_id WHERE p.organization_id = %s AND EXISTS (SELECT 1 FROM "
+            "lfs_objects_projects b JOIN projects q ON q.id = b.project_id WHERE b.lfs_object_id = l.id "
+            "AND q.organization_id <> %s)", (org.id, org.id)).fetchall()
+    assert shared_lfs, "the seed links some LFS objects from several orgs"
+    counts = mover.cleanup_source(ctx, mid, retention_seconds=0)
+    assert counts["issues"] == org.rows["issues"] and sum(counts.values()) == org.total
+    assert _org_count(src_dsn, ISSUES_OF_ORG, org.id) == 0
+    with psycopg.connect(src_dsn) as c:  # LFS objects other orgs use are still there
+        left = c.execute("SELECT count(*) FROM lfs_objects WHERE id = ANY(%s)", ([r[0] for r in shared_lfs],)).fetchone()[0]
+    assert left == len(shared_lfs)
+    after = _snap(devenv, "legacy").tables
+    for table, rows in after.items():  # nothing but the org's rows disappeared
+        assert set(rows) <= set(others_before[table])
+        assert len(others_before[table]) - len(rows) == org.rows.get(table, 0)
+    assert mover.cleanup_source(ctx, mid, retention_seconds=0) == {}  # done once

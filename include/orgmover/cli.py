@@ -114,6 +114,14 @@ def cmd_copy_table(args) -> int:
     return 0
 
 
+def cmd_cleanup(args) -> int:
+    from orgmover import mover
+
+    counts = mover.cleanup_source(_env(args).context(), args.migration, args.retention_hours * 3600)
+    print(f"migration #{args.migration}: {sum(counts.values()):,} rows deleted from the source")
+    return 0
+
+
 def cmd_rollback(args) -> int:
     from orgmover import mover
 
@@ -155,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("migration", type=int)
     c.add_argument("table")
     c.set_defaults(fn=cmd_copy_table)
+    cl = sub.add_parser("cleanup", help="delete a moved org's rows from the source (guarded)")
+    cl.add_argument("migration", type=int)
+    cl.add_argument("--retention-hours", type=float, default=168.0)
+    cl.set_defaults(fn=cmd_cleanup)
     r = sub.add_parser("rollback")
     r.add_argument("migration", type=int)
     r.set_defaults(fn=cmd_rollback)

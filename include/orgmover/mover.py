@@ -599,3 +599,38 @@ def summary(ctx: MoveContext, mid: int) -> tuple[dict, str]:
     ctx.reports_dir.mkdir(parents=True, exist_ok=True)
     (ctx.reports_dir / f"migration-{mid}-summary.txt").write_text(text)
     return data, text
+
+
+# ------------------------------------------------------------------------------------------ cleanup
+def cleanup_source(ctx: MoveContext, mid: int, retention_seconds: float, now: datetime | None = None) -> dict[str, int]:
+    """Delete the moved org's rows from the source cell, only when it is safe: the migration completed,
+    the Topology Service routes the org to the target, validation passed, and the retention period
+    since the switch has passed. Shared rows (users, LFS objects, object pools, shards) are kept: other
+    organizations of the cell may use them; unreferenced ones are left to the cell's own garbage collection."""
+    m = ctx.tracking.get(mid)
+    org = m["organization_id"]
+    now = now or datetime.now(timezone.utc)
+    if m.get("source_cleaned_at"):
+        return {}
+    refusals = []
+    if m["state"] != "completed":
+        refusals.append(f"migration #{mid} is {m['state']}, not completed")
+    if not (m.get("validation") or {}).get("ok"):
+        refusals.append(f"migration #{mid} has no passed validation")
+    route = ctx.topology.route(org)
+    if route["cell"] != m["target_cell"]:
+        refusals.append(f"organization {org} is routed to {route['cell']}, not to the target {m['target_cell']}")
+    if m["switched_at"] is not None:
+        ready = m["switched_at"].timestamp() + retention_seconds
+        if now.timestamp() < ready:
+            refusals.append(f"the retention period has not passed: the route switched at {m['switched_at']:%Y-%m-%d %H:%M:%S} UTC, "
+                            f"cleanup is allowed from {datetime.fromtimestamp(ready, timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+    if refusals:
+        raise StateError("refusing to delete organization data from the source, nothing was deleted:\n  - " + "\n  - ".join(refusals))
+    plan = load_plan(ctx, mid)
+    with ctx.cell(m["source_cell"]).connect() as src:
+        counts = delete_org_rows(src, plan, logger=ctx.log)
+    with ctx.tracking.conn() as c:
+        c.execute("UPDATE orgmover.migrations SET source_cleaned_at = now() WHERE id = %s", (mid,))
+    ctx.tracking.event(mid, "info", f"source {m['source_cell']} cleaned: {sum(counts.values())} rows deleted")
+    return counts

@@ -211,3 +211,18 @@ class RollbackOperator(OrgMoveBaseOperator):
     def run_phase(self, context: Any):
         counts = mover.rollback(self.move_context(), self.mid)
         return sum(counts.values())
+
+
+class CleanupSourceOperator(OrgMoveBaseOperator):
+    """Deletes a moved org's rows from the source once the route points at the target, validation
+    passed and the retention period is over; refuses otherwise."""
+
+    template_fields = ("migration_id", "retention_hours")
+
+    def __init__(self, *, retention_hours: Any = 168, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.retention_hours = retention_hours
+
+    def run_phase(self, context: Any):
+        counts = mover.cleanup_source(self.move_context(), self.mid, float(self.retention_hours) * 3600)
+        return sum(counts.values())
