@@ -239,8 +239,23 @@ class Planner:
             hows.append(f"{value} -> {target}")
         if t.column(type_col) is None or t.column(id_col) is None:
             raise ClassificationError(f"table {table}: polymorphic columns {type_col}/{id_col} do not exist")
-        expr = "(" + " OR ".join(parts) + ")" if parts else "false"
+        expr = self._any_of(table, parts) if parts else "false"
         return expr, f"polymorphic {type_col}/{id_col}: " + ", ".join(hows)
+
+    def _any_of(self, table: str, parts: list[str]) -> str:
+        """OR of predicate templates, written as the key IN a UNION of one semi-join per branch: each branch
+        can then start from the organization's few parent rows and use an index, so the cost follows the
+        organization, not the cell (a plain OR of IN-subqueries makes PostgreSQL scan the whole table)."""
+        if len(parts) == 1:
+            return parts[0]
+        key = self.catalog.tables[table].key
+        if not key:
+            return "(" + " OR ".join(parts) + ")"
+        b = self._next_alias()
+        cols = ", ".join(f"{b}.{qi(c)}" for c in key)
+        branches = " UNION ".join(f"SELECT {cols} FROM {qi(table)} {b} WHERE {p.replace('{a}', b)}" for p in parts)
+        lhs = f"{{a}}.{qi(key[0])}" if len(key) == 1 else "(" + ", ".join(f"{{a}}.{qi(c)}" for c in key) + ")"
+        return f"{lhs} IN ({branches})"
 
     def _distinct_types(self, table: str, type_col: str) -> list[str]:
         if self.conn is None:
@@ -280,7 +295,7 @@ class Planner:
                     raise ClassificationError(f"table {table}: sharding_key {col} references unknown table {ref}")
                 parts.append(self._via(col, ref, self._ref_column(t, col, ref)))
                 hows.append(f"{col} -> {ref}")
-            expr = parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
+            expr = self._any_of(table, parts)
             return expr, "sharding key " + " or ".join(hows), False
         # 2. declared polymorphic owners
         if e and e.org_mover.get("polymorphic"):
@@ -289,7 +304,7 @@ class Planner:
                 expr, how = self._polymorphic(table, p["type_column"], p["id_column"], p.get("types"))
                 parts.append(expr)
                 hows.append(how)
-            return ("(" + " OR ".join(parts) + ")" if len(parts) > 1 else parts[0]), "; ".join(hows), False
+            return self._any_of(table, parts), "; ".join(hows), False
         # 3. desired sharding key: backfill via a parent
         if e and e.desired_sharding_key:
             for spec in e.desired_sharding_key.values():
@@ -337,7 +352,7 @@ class Planner:
                 expr, how = self._polymorphic(table, p + "_type", p + "_id", None)
                 parts.append(expr)
                 hows.append(how)
-            return "(" + " OR ".join(parts) + ")", "inferred: any of " + ", ".join(hows), True
+            return self._any_of(table, parts), "inferred: any of " + ", ".join(hows), True
         # 5. inferred polymorphic owner columns
         if pairs:
             parts, hows = [], []
@@ -345,7 +360,7 @@ class Planner:
                 expr, how = self._polymorphic(table, p + "_type", p + "_id", None)
                 parts.append(expr)
                 hows.append(how)
-            return ("(" + " OR ".join(parts) + ")" if len(parts) > 1 else parts[0]), "inferred " + "; ".join(hows), True
+            return self._any_of(table, parts), "inferred " + "; ".join(hows), True
         # 6. self-referencing tree whose roots carry a key we cannot see: not derivable
         raise ClassificationError(
             f"table {table}: cannot tell which organization its rows belong to (no sharding_key in the dictionary, "
@@ -376,8 +391,12 @@ class Planner:
                 continue
             else:
                 inner = self._shared_predicate(child, org_id, stack + (table,), alias=b)
-            parts.append(f"{alias}.{qi(ref_col)} IN (SELECT {b}.{qi(col)} FROM {qi(child)} {b} WHERE {inner})")
-        return "(" + " OR ".join(parts) + ")" if parts else "false"
+            parts.append((ref_col, f"SELECT {b}.{qi(col)} FROM {qi(child)} {b} WHERE {inner}"))
+        by_col: dict[str, list[str]] = {}
+        for ref_col, sel in parts:
+            by_col.setdefault(ref_col, []).append(sel)
+        ors = [f"{alias}.{qi(c)} IN ({' UNION '.join(sels)})" for c, sels in sorted(by_col.items())]
+        return ("(" + " OR ".join(ors) + ")" if len(ors) > 1 else ors[0]) if ors else "false"
 
     # ------------------------------------------------------------------ the plan
     def build(self, org_id: int) -> Plan:
