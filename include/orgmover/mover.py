@@ -429,6 +429,7 @@ def sync_deletions(ctx: MoveContext, mid: int) -> list[str]:
     touched = changed | {t for t in plan.tables if any(fk.ref_table in deleted for fk in catalog[t].foreign_keys)}
     check_foreign_keys(ctx, mid, touched)
     ctx.tracking.phase_finished(mid, "sync")
+    ctx.tracking.phase_started(mid, "validate")  # finished by go_no_go
     return sorted(t for t, p in plan.tables.items() if p.strategy != "skip")
 
 

@@ -59,6 +59,17 @@ class OrgMoveBaseOperator(BaseOperator):
             raise AirflowFailException(str(e)) from e
 
 
+class _TableOperator(OrgMoveBaseOperator):
+    """A phase over one table (mapped over the plan's tables; the UI names each by its table)."""
+
+    template_fields = ("migration_id", "table")
+    ui_color = "#e6f4ea"
+
+    def __init__(self, *, table: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.table = table
+
+
 class PreflightOperator(OrgMoveBaseOperator):
     """Checks everything, changes nothing. A real move creates (or resumes) a migration and returns
     its id; a dry run writes the readable report and returns None (failing if the move would be refused)."""
@@ -107,15 +118,8 @@ class PrepareTargetOperator(OrgMoveBaseOperator):
         mover.prepare_target(self.move_context(), self.mid)
 
 
-class CopyTableOperator(OrgMoveBaseOperator):
-    """Copies one table's org rows (mapped over the plan's tables)."""
-
-    template_fields = ("migration_id", "table")
-    ui_color = "#e6f4ea"
-
-    def __init__(self, *, table: str, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.table = table
+class CopyTableOperator(_TableOperator):
+    """Pre-copies one table's org rows chunk by chunk (resumable)."""
 
     def run_phase(self, context: Any):
         return mover.copy_table(self.move_context(), self.mid, self.table)
@@ -135,15 +139,8 @@ class SyncSharedOperator(OrgMoveBaseOperator):
         mover.sync_shared(self.move_context(), self.mid)
 
 
-class SyncTableOperator(OrgMoveBaseOperator):
+class SyncTableOperator(_TableOperator):
     """In the window: re-copies the rows of one table written since the pre-copy started."""
-
-    template_fields = ("migration_id", "table")
-    ui_color = "#e6f4ea"
-
-    def __init__(self, *, table: str, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.table = table
 
     def run_phase(self, context: Any):
         return mover.sync_table(self.move_context(), self.mid, self.table)
@@ -156,15 +153,10 @@ class SyncDeletionsOperator(OrgMoveBaseOperator):
         return mover.sync_deletions(self.move_context(), self.mid)
 
 
-class ValidateTableOperator(OrgMoveBaseOperator):
+class ValidateTableOperator(_TableOperator):
     """Row count and checksum of one table on both cells; row-level diff on a mismatch."""
 
-    template_fields = ("migration_id", "table")
     ui_color = "#f3e8fd"
-
-    def __init__(self, *, table: str, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.table = table
 
     def run_phase(self, context: Any):
         return mover.validate_one(self.move_context(), self.mid, self.table)
