@@ -19,8 +19,8 @@ from airflow.sdk import DAG, Param, TaskGroup, TriggerRule
 
 from orgmover_airflow.operators import (CopyTableOperator, GoNoGoOperator, MaintenanceOnOperator, PlanOperator,
                                         PrecopyDoneOperator, PreflightOperator, PrepareTargetOperator,
-                                        ReleaseOperator, SummaryOperator, SwitchoverOperator, SyncDeletionsOperator,
-                                        SyncSharedOperator, SyncTableOperator, ValidateTableOperator)
+                                        ReleaseOperator, SummaryOperator, SwitchoverOperator, SyncAllOperator,
+                                        ValidateAllOperator)
 
 MID = "{{ ti.xcom_pull(task_ids='preflight.check') }}"
 CELL = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[a-z0-9][a-z0-9_-]*$"}
@@ -77,19 +77,15 @@ with DAG(
     with TaskGroup("quiesce", tooltip="maintenance on: writes blocked") as g_quiesce:
         maintenance = MaintenanceOnOperator(task_id="maintenance_on", migration_id=MID)
 
+    # the write window: as few tasks as possible (per-task overhead is writes blocked for nothing); each
+    # task parallelises inside and logs per table
     with TaskGroup("sync", tooltip="in the write window: only what changed since the pre-copy") as g_sync:
-        sync_shared = SyncSharedOperator(task_id="shared_rows", migration_id=MID)
-        syncs = SyncTableOperator.partial(task_id="sync_table", migration_id=MID, max_active_tis_per_dag=4,
-                                          map_index_template="{{ task.table }}").expand(table=plan.output)
-        fk = SyncDeletionsOperator(task_id="deletions_and_foreign_keys", migration_id=MID)
-        sync_shared >> syncs >> fk
+        sync = SyncAllOperator(task_id="sync_changes", migration_id=MID)
 
     with TaskGroup("validate", tooltip="counts and checksums on both cells") as g_validate:
-        validations = ValidateTableOperator.partial(task_id="validate_table", migration_id=MID, max_active_tis_per_dag=4,
-                                                    map_index_template="{{ task.table }}").expand(
-            table=fk.output)
+        validate = ValidateAllOperator(task_id="checksums", migration_id=MID)
         go = GoNoGoOperator(task_id="go_no_go", migration_id=MID, retries=0)
-        validations >> go
+        validate >> go
 
     with TaskGroup("switchover", tooltip="route to target, maintenance off") as g_switch:
         gate = ApprovalGate(task_id="approval_gate")
@@ -110,7 +106,6 @@ with DAG(
     release = ReleaseOperator(task_id="release", migration_id=MID, retries=3).as_teardown(setups=maintenance)
 
     is_move >> plan >> prepare
-    precopied >> maintenance >> sync_shared
-    fk >> validations
+    precopied >> maintenance >> sync >> validate
     go >> gate
     summary >> release

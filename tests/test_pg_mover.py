@@ -186,3 +186,26 @@ def test_cleanup_of_the_source_is_guarded(devenv, seeded, ctx):
         assert set(rows) <= set(others_before[table])
         assert len(others_before[table]) - len(rows) == org.rows.get(table, 0)
     assert mover.cleanup_source(ctx, mid, retention_seconds=0) == {}  # done once
+
+
+def test_a_chunk_is_durable_when_copy_chunk_returns(devenv, seeded, ctx):
+    """Rows of a chunk (here of a table whose rows are rewritten: LFS ids remapped) are committed when
+    copy_chunk returns, before its connection closes: recording the chunk as copied is then true."""
+    from orgmover.pgcopy import Progress, copy_chunk, remap_tables, row_transformer
+
+    org = seeded["theta"]
+    mid = mover.preflight(ctx, org.id, "legacy", "cell-1", "durability-test")
+    mover.make_plan(ctx, mid)
+    mover.prepare_target(ctx, mid)
+    plan = mover.load_plan(ctx, mid)
+    tp = plan.tables["lfs_objects_projects"]
+    assert tp.needs_transform
+    src_cell, dst_cell = devenv.resolve_cell("legacy"), devenv.resolve_cell("cell-1")
+    with src_cell.connect() as src, dst_cell.connect() as dst:
+        transform = row_transformer(tp, tp.columns, remap_tables(src, dst, plan, tp), src_cell.key, dst_cell.key)
+        ids = [r[0] for r in src.execute(f"SELECT t.id FROM lfs_objects_projects t WHERE {tp.where}")]
+        n = copy_chunk(src, dst, plan, tp, "id", None, None, transform, Progress("t"), fresh=True)
+        with psycopg.connect(dst_cell.dsn) as other:  # another session sees the rows now
+            seen = other.execute("SELECT count(*) FROM lfs_objects_projects WHERE id = ANY(%s)", (ids,)).fetchone()[0]
+    assert n == org.rows["lfs_objects_projects"] == seen
+    mover.rollback(ctx, mid)

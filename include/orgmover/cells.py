@@ -42,7 +42,12 @@ class Cell:
     sequence_range: tuple[int, int] | None = None
 
     def connect(self, **kw) -> psycopg.Connection:
-        """A connection with the session settings every mover query relies on (UTC, ISO dates)."""
+        """A connection with the session settings every mover query relies on (UTC, ISO dates).
+
+        Autocommit: a read is its own statement and every ``with conn.transaction()`` block is a real
+        transaction that commits at its end (never a savepoint inside a transaction left open by an
+        earlier read), which is what makes a copied chunk durable exactly when it is recorded."""
+        kw.setdefault("autocommit", True)
         try:
             conn = psycopg.connect(self.dsn, connect_timeout=10, **kw)
         except psycopg.OperationalError as e:

@@ -74,11 +74,8 @@ def run_move(ctx, org: int, source: str, target: str, run_id: str = "cli", befor
         if before_window:
             before_window(mid)
         mover.maintenance_on(ctx, mid)
-        mover.sync_shared(ctx, mid)
-        for t in tables:
-            mover.sync_table(ctx, mid, t)
-        for t in mover.sync_deletions(ctx, mid):
-            mover.validate_one(ctx, mid, t)
+        mover.sync_all(ctx, mid)
+        mover.validate_all(ctx, mid)
         mover.go_no_go(ctx, mid)
         mover.switchover(ctx, mid)
     except Exception as e:

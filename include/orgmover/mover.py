@@ -366,8 +366,8 @@ def copy_table(ctx: MoveContext, mid: int, table: str) -> dict:
             for c in todo:
                 ctx.tracking.update_chunk(mid, table, c["chunk_no"], state="copying", attempts=c["attempts"] + 1)
                 before = progress.bytes
-                rows = copy_chunk(src, dst, plan, tp, column, c["lo"], c["hi"], transform, progress)
-                progress.add(0 if transform else 0, 0)
+                rows = copy_chunk(src, dst, plan, tp, column, c["lo"], c["hi"], transform, progress,
+                                  fresh=c["attempts"] == 0 and c["state"] == "pending")
                 ctx.tracking.update_chunk(mid, table, c["chunk_no"], state="copied", rows=rows, bytes=progress.bytes - before)
     except Exception as e:
         ctx.tracking.update_table(mid, table, state="failed", error=str(e)[:2000])
@@ -400,6 +400,58 @@ def sync_table(ctx: MoveContext, mid: int, table: str) -> dict:
                                 _transformer(src, dst, plan, tp, src_cell, dst_cell), logger=ctx.log)
     ctx.tracking.update_table(mid, table, synced_in_window=m["maintenance_window"], sync_detail=res)
     return {"table": table, "changed": res["changed"]}
+
+
+def sync_all(ctx: MoveContext, mid: int, workers: int = 2) -> list[str]:
+    """The write window's work in one task: shared rows, every table's changes since the pre-copy
+    (tables in parallel, each worker with its own connections), deletions, foreign keys. Returns the
+    tables to validate. One task instead of one per table: in the window, per-task overhead is writes
+    blocked for nothing."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    m = ctx.tracking.get(mid)
+    _require_maintenance(ctx, m)
+    plan = load_plan(ctx, mid)
+    sync_shared(ctx, mid)
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
+    chunking = {t: (rows[t]["chunk_column"], [c["lo"] for c in ctx.tracking.chunks(mid, t)[1:]])
+                for t in rows if rows[t]["strategy"] == "org"}
+    not_copied = [t for t in chunking if rows[t]["state"] != "copied"]
+    if not_copied:
+        raise StateError(f"tables not pre-copied: {', '.join(sorted(not_copied))}; re-run the copy phase")
+    local = threading.local()
+    opened: list = []
+    lock = threading.Lock()
+
+    def conns():
+        if not hasattr(local, "c"):
+            local.c = (src_cell.connect(), dst_cell.connect(), dst_cell.connect())
+            with lock:
+                opened.extend(local.c)
+        return local.c
+
+    def one(table: str) -> tuple[str, dict]:
+        src, dst, dst2 = conns()
+        tp = plan.tables[table]
+        column, bounds = chunking[table]
+        return table, sync_changed_rows(src, dst, plan, tp, column, bounds, m["precopy_xmin"],
+                                        _transformer(src, dst, plan, tp, src_cell, dst_cell), logger=ctx.log,
+                                        dst_counts_conn=dst2)
+
+    t0 = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            results = dict(ex.map(one, sorted(chunking)))
+    finally:
+        for c in opened:
+            c.close()
+    for table, res in results.items():
+        ctx.tracking.update_table(mid, table, synced_in_window=m["maintenance_window"], sync_detail=res)
+    ctx.log(f"synced {len(results)} tables in {time.monotonic() - t0:.2f}s: "
+            f"{sum(r['changed'] for r in results.values()):,} rows written since the pre-copy")
+    return sync_deletions(ctx, mid)
 
 
 def sync_deletions(ctx: MoveContext, mid: int) -> list[str]:
@@ -481,6 +533,50 @@ def validate_one(ctx: MoveContext, mid: int, table: str) -> dict:
                 f"missing on target {d['missing_on_target']} {d['samples']['missing_on_target']}, "
                 f"extra on target {d['extra_on_target']} {d['samples']['extra_on_target']}")
     return {"table": table, "ok": res.ok}
+
+
+def validate_all(ctx: MoveContext, mid: int) -> dict:
+    """Validate every table in one task: each cell computes all checksums on its own connection, the two
+    cells in parallel; row-level diffs and secret comparisons only where needed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orgmover.validation import TableValidation, encrypted_diff, row_diff, table_checksum
+
+    m = ctx.tracking.get(mid)
+    plan = load_plan(ctx, mid)
+    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
+    todo = [t for t, r in sorted(rows.items()) if not (r["validated_in_window"] == m["maintenance_window"]
+                                                       and r["validation_state"] == "passed")]
+    if m["state"] == "quiesced":
+        ctx.tracking.update(mid, state="validating")
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+
+    def side(cell):
+        with cell.connect() as c:
+            return {t: table_checksum(c, plan.tables[t]) for t in todo}
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(2) as ex:
+        fs, fd = ex.submit(side, src_cell), ex.submit(side, dst_cell)
+        src_sums, dst_sums = fs.result(), fd.result()
+    bad = 0
+    with src_cell.connect() as s, dst_cell.connect() as d:
+        for t in todo:
+            tp = plan.tables[t]
+            (sn, ss), (dn, ds) = src_sums[t], dst_sums[t]
+            res = TableValidation(t, tp.strategy, sn, dn, ss, ds)
+            if tp.encrypted:
+                res.encrypted = encrypted_diff(s, d, tp, src_cell.key, dst_cell.key).to_dict()
+            if (sn, ss) != (dn, ds):
+                res.diff = row_diff(s, d, tp).to_dict()
+            bad += not res.ok
+            ctx.tracking.update_table(mid, t, source_rows=sn, target_rows=dn, source_checksum=ss, target_checksum=ds,
+                                      validation_state="passed" if res.ok else "failed", validation_detail=res.to_dict(),
+                                      validated_in_window=m["maintenance_window"])
+            if not res.ok:
+                ctx.log(f"validate {t}: MISMATCH {res.to_dict()}")
+    ctx.log(f"validated {len(todo)} tables in {time.monotonic() - t0:.2f}s: {len(todo) - bad} match, {bad} differ")
+    return {"tables": len(todo), "differ": bad}
 
 
 def go_no_go(ctx: MoveContext, mid: int) -> Path:

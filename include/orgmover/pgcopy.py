@@ -137,6 +137,9 @@ def row_transformer(tp: TablePlan, columns: list[str], maps: dict[str, dict[str,
 
 
 # ---------------------------------------------------------------------------- streaming
+WRITE_BUFFER = 1 << 20
+
+
 def stream_rows(src: psycopg.Connection, dst_cur: psycopg.Cursor, select_sql: str, copy_in_sql: str,
                 progress: Progress, transform: Callable[[tuple], tuple] | None) -> int:
     """Stream the rows of ``select_sql`` on ``src`` into ``copy_in_sql`` on the target cursor."""
@@ -145,9 +148,17 @@ def stream_rows(src: psycopg.Connection, dst_cur: psycopg.Cursor, select_sql: st
         if transform is None:
             with scur.copy(f"COPY ({select_sql}) TO STDOUT (FORMAT binary)") as cin, \
                     dst_cur.copy(f"{copy_in_sql} (FORMAT binary)") as cout:
+                # the source yields one small buffer per row: pass them on in ~1 MiB writes
+                buf = bytearray()
                 for data in cin:
-                    cout.write(data)
-                    progress.add(0, len(data))
+                    buf += data
+                    if len(buf) >= WRITE_BUFFER:
+                        cout.write(bytes(buf))
+                        progress.add(0, len(buf))
+                        buf.clear()
+                if buf:
+                    cout.write(bytes(buf))
+                    progress.add(0, len(buf))
             rows = dst_cur.rowcount
             progress.add(rows, 0)
         else:
@@ -238,7 +249,7 @@ def key_collisions(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePl
         return 0, []
     keyexpr = "ROW(" + ", ".join(f"t.{qi(c)}" for c in tp.key) + ")::text"
     found, sample = 0, []
-    with src.cursor(name="om_keys") as cur:
+    with src.transaction(), src.cursor(name="om_keys") as cur:
         cur.itersize = batch
         cur.execute(f"SELECT {keyexpr} FROM {qi(tp.table)} t WHERE {tp.where}")
         while True:
@@ -346,7 +357,8 @@ def _stream_keys(src: psycopg.Connection, dcur: psycopg.Cursor, tp: TablePlan, w
 
 
 def copy_chunk(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan, tp: TablePlan, column: str | None,
-               lo: int | None, hi: int | None, transform: Callable[[tuple], tuple] | None, progress: Progress) -> int:
+               lo: int | None, hi: int | None, transform: Callable[[tuple], tuple] | None, progress: Progress,
+               fresh: bool = False) -> int:
     """Copy one chunk of the org's rows in one target transaction, replacing whatever an earlier,
     interrupted attempt of the same chunk left there (found by the source's keys and by the org
     predicate on the target). Killing the process at any point leaves either the whole chunk or none."""
@@ -359,9 +371,10 @@ def copy_chunk(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan, tp:
         with src.transaction(), dst.transaction():
             with dst.cursor() as dcur:
                 dcur.execute("SET LOCAL session_replication_role = replica")
-                _stream_keys(src, dcur, tp, where, "_om_chunk_keys")
-                dcur.execute(f"DELETE FROM {qi(tp.table)} t WHERE {rng} AND (({tp.where}) OR EXISTS "
-                             f"(SELECT 1 FROM _om_chunk_keys k WHERE {match}))")
+                if not fresh:  # an earlier attempt of this chunk may have committed before it was recorded
+                    _stream_keys(src, dcur, tp, where, "_om_chunk_keys")
+                    dcur.execute(f"DELETE FROM {qi(tp.table)} t WHERE {rng} AND (({tp.where}) OR EXISTS "
+                                 f"(SELECT 1 FROM _om_chunk_keys k WHERE {match}))")
                 return stream_rows(src, dcur, f"SELECT {', '.join('t.' + qi(c) for c in tp.columns)} FROM {qi(tp.table)} t "
                                    f"WHERE {where}", f"COPY {qi(tp.table)} ({cols}) FROM STDIN", progress, transform)
     except psycopg.errors.UniqueViolation as e:
@@ -384,32 +397,58 @@ def bucket_counts(conn: psycopg.Connection, tp: TablePlan, column: str | None, b
 
 def sync_changed_rows(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan, tp: TablePlan, column: str | None,
                       bounds: list[int], xmin: int, transform: Callable[[tuple], tuple] | None,
-                      logger: Callable[[str], None] | None = None) -> dict:
+                      logger: Callable[[str], None] | None = None, dst_counts_conn: psycopg.Connection | None = None) -> dict:
     """In the write window: re-copy the org's rows written since the pre-copy started (inserted or
-    updated), then compare row counts per chunk to find chunks where rows were deleted on the source.
-    Deletions are applied by :func:`apply_deletions` once every table is synced."""
+    updated) and find the chunks where rows were deleted on the source.
+
+    One counting scan of the org's rows per cell (in parallel when ``dst_counts_conn`` is given): on the
+    source per chunk the rows and the rows written since ``xmin``; on the target per chunk the rows.
+    Only chunks with written rows are read again. Deletions are applied by :func:`apply_deletions`
+    once every table is synced (the org predicate on the target must still see their parents)."""
     progress = Progress(f"sync {tp.table}", logger=logger)
     cols = ", ".join(qi(c) for c in tp.columns)
     match = " AND ".join(f"t.{qi(c)} = s.{qi(c)}" for c in tp.key)
+    b = bucket_sql(column, bounds)
+    src_sql = (f"SELECT {b}, count(*), count(*) FILTER (WHERE {modified_sql(xmin)}) FROM {qi(tp.table)} t "
+               f"WHERE {tp.where} GROUP BY 1")
+    if dst_counts_conn is not None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(bucket_counts, dst_counts_conn, tp, column, bounds)
+            src_stats = {int(k): (int(n), int(m)) for k, n, m in src.execute(src_sql)}
+            dst_counts = fut.result()
+        dst_counts_conn.commit()
+    else:
+        src_stats = {int(k): (int(n), int(m)) for k, n, m in src.execute(src_sql)}
+        dst_counts = bucket_counts(dst, tp, column, bounds)
     src.commit()
-    with src.transaction(), dst.transaction():
-        with dst.cursor() as dcur:
-            dcur.execute("SET LOCAL session_replication_role = replica")
-            dcur.execute(f"CREATE TEMP TABLE _om_changed ON COMMIT DROP AS SELECT {cols} FROM {qi(tp.table)} WITH NO DATA")
-            changed = stream_rows(src, dcur, f"SELECT {', '.join('t.' + qi(c) for c in tp.columns)} FROM {qi(tp.table)} t "
-                                  f"WHERE ({tp.where}) AND {modified_sql(xmin)}", f"COPY _om_changed ({cols}) FROM STDIN",
-                                  progress, transform)
-            if changed:
+    dirty = sorted(k for k, (_, m) in src_stats.items() if m)
+    changed, new_by_bucket = 0, {}
+    if dirty:
+        in_dirty = f"{b} IN ({', '.join(str(k) for k in dirty)})" if column and bounds else "true"
+        with src.transaction(), dst.transaction():
+            with dst.cursor() as dcur:
+                dcur.execute("SET LOCAL session_replication_role = replica")
+                dcur.execute(f"CREATE TEMP TABLE _om_changed ON COMMIT DROP AS SELECT {cols} FROM {qi(tp.table)} WITH NO DATA")
+                changed = stream_rows(src, dcur, f"SELECT {', '.join('t.' + qi(c) for c in tp.columns)} FROM {qi(tp.table)} t "
+                                      f"WHERE ({tp.where}) AND {in_dirty} AND {modified_sql(xmin)}",
+                                      f"COPY _om_changed ({cols}) FROM STDIN", progress, transform)
+                sb = bucket_sql(column, bounds, "s")
+                new_by_bucket = {int(k): int(n) for k, n in dcur.execute(
+                    f"SELECT {sb}, count(*) FROM _om_changed s WHERE NOT EXISTS "
+                    f"(SELECT 1 FROM {qi(tp.table)} t WHERE {match}) GROUP BY 1")}
                 dcur.execute(f"DELETE FROM {qi(tp.table)} t USING _om_changed s WHERE {match}")
                 dcur.execute(f"INSERT INTO {qi(tp.table)} ({cols}) SELECT {cols} FROM _om_changed")
-            dst_counts = bucket_counts(dst, tp, column, bounds)
-    src_counts = bucket_counts(src, tp, column, bounds)
-    src.commit()
-    differ = sorted(b for b in set(src_counts) | set(dst_counts) if src_counts.get(b, 0) != dst_counts.get(b, 0))
-    (logger or log.info)(f"sync {tp.table}: {changed:,} rows written since the pre-copy re-copied; "
-                         f"{len(differ)} chunks with deleted rows")
+        src.commit()
+    dst_after = {k: dst_counts.get(k, 0) + new_by_bucket.get(k, 0) for k in set(dst_counts) | set(new_by_bucket)}
+    src_counts = {k: n for k, (n, _) in src_stats.items()}
+    differ = sorted(k for k in set(src_counts) | set(dst_after) if src_counts.get(k, 0) != dst_after.get(k, 0))
+    if changed or differ:
+        (logger or log.info)(f"sync {tp.table}: {changed:,} rows written since the pre-copy re-copied; "
+                             f"{len(differ)} chunks with deleted rows")
     return {"changed": changed, "chunks_with_deletions": differ,
-            "extra_on_target": sum(dst_counts.get(b, 0) - src_counts.get(b, 0) for b in differ)}
+            "extra_on_target": sum(dst_after.get(k, 0) - src_counts.get(k, 0) for k in differ)}
 
 
 def apply_deletions(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan,

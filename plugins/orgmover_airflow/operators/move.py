@@ -146,6 +146,30 @@ class SyncTableOperator(_TableOperator):
         return mover.sync_table(self.move_context(), self.mid, self.table)
 
 
+class SyncAllOperator(OrgMoveBaseOperator):
+    """The write window in one task: shared rows, every table's changes since the pre-copy (tables in
+    parallel), deletions, foreign keys. Returns the tables to validate."""
+
+    ui_color = "#fde2e1"
+
+    def __init__(self, *, workers: int = 2, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.workers = workers
+
+    def run_phase(self, context: Any):
+        return mover.sync_all(self.move_context(), self.mid, self.workers)
+
+
+class ValidateAllOperator(OrgMoveBaseOperator):
+    """Checksums of every table on both cells (each cell on its own connection, in parallel); row-level
+    diff where they differ. Re-running it skips tables already passed in this window."""
+
+    ui_color = "#f3e8fd"
+
+    def run_phase(self, context: Any):
+        return mover.validate_all(self.move_context(), self.mid)
+
+
 class SyncDeletionsOperator(OrgMoveBaseOperator):
     """In the window: applies the source's deletions, checks foreign keys; returns the tables to validate."""
 
