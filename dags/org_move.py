@@ -53,13 +53,16 @@ with DAG(
                          description="Check and plan only, write a report, change nothing"),
         "require_approval": Param(False, type="boolean", title="Require approval",
                                   description="Wait for a person to approve the switch after validation passed"),
+        "shard_map": Param({}, type="object", title="Storage mapping",
+                           description="Source Gitaly storage name -> target storage name, for storages the target "
+                                       "names differently (same names need no entry)"),
     },
     doc_md=__doc__,
 ) as dag:
     with TaskGroup("preflight", tooltip="checks, no changes") as g_pre:
         check = PreflightOperator(task_id="check", organization_id="{{ params.organization_id }}",
                                   source_cell="{{ params.source_cell }}", target_cell="{{ params.target_cell }}",
-                                  dry_run="{{ params.dry_run }}", retries=0)
+                                  dry_run="{{ params.dry_run }}", shard_map="{{ params.shard_map }}", retries=0)
         is_move = ShortCircuitOperator(task_id="is_move", python_callable=lambda dry_run: not dry_run,
                                        op_kwargs={"dry_run": "{{ params.dry_run }}"})
         check >> is_move

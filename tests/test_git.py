@@ -264,8 +264,9 @@ def test_sync_fork_with_pools(tmp_path, pooled):
     tgt = GitStorage("cell-1", tmp_path / "tgt")
     tpool = tgt.pool(1)
     for i, f in enumerate(forks):
-        res = sync_repository(f, tgt.project(100 + i), src_pool=pool, dst_pool=tpool)
-        assert res["pool"] is not None and res["method"] == "fetch"
+        # a fresh fork: local clone re-pointed at the target pool, or (pack protocol) init + fetch
+        res = sync_repository(f, tgt.project(100 + i), src_pool=pool, dst_pool=tpool, local_clone=(i == 0))
+        assert res["pool"] is not None and res["method"] == ("clone" if i == 0 else "fetch")
     res = sync_repository(source, tgt.project(1), src_pool=pool, dst_pool=tpool)
     for f, t in [(source, tgt.project(1))] + [(f, tgt.project(100 + i)) for i, f in enumerate(forks)]:
         assert alternates_of(t) == tpool.absolute()  # the TARGET pool, never the source's
@@ -284,6 +285,23 @@ def test_sync_fork_with_pools(tmp_path, pooled):
     assert (res["created"], res["updated"], res["deleted"]) == (0, 1, 0) and res["pool"]["method"] == "noop"
     assert_same(fork, tgt.project(100))
     fsck_connectivity(tgt.project(100))
+
+
+def test_fresh_fork_clone_falls_back_to_fetch_when_the_target_pool_lacks_objects(tmp_path, pooled):
+    source, pool, forks = pooled
+    # the source pool no longer references feature-2's own commits, yet still holds them and the forks use them
+    f2 = list_refs(pool)["refs/heads/feature-2"]
+    git(pool, "update-ref", "-d", "refs/heads/feature-2")
+    git(pool, "update-ref", "-d", "refs/merge-requests/2/head")
+    tpool = tmp_path / "tgt" / "pool.git"
+    sync_repository(pool, tpool, local_clone=False)  # fetched: only what the pool's refs reach
+    assert subprocess.run(["git", "-C", str(tpool), "cat-file", "-e", f2], capture_output=True).returncode != 0
+    dst = tmp_path / "tgt" / "fork.git"
+    res = sync_repository(forks[0], dst, src_pool=pool, dst_pool=tpool)
+    assert res["method"] == "fetch" and res["new_repository"]
+    assert alternates_of(dst) == tpool.absolute()
+    fsck_connectivity(dst)
+    assert_same(forks[0], dst)
 
 
 def test_sync_fork_without_pools_is_self_contained(tmp_path, pooled):

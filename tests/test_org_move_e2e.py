@@ -19,7 +19,7 @@ def _snap(devenv, cell):
 def run(dag, **conf):
     """dag.test with every param given: a DAG object keeps the params of its previous dag.test run."""
     return dag.test(run_conf={"source_cell": "legacy", "target_cell": "cell-1", "dry_run": False,
-                              "require_approval": False, **conf})
+                              "require_approval": False, "shard_map": {}, **conf})
 
 
 def _states(dr) -> dict[str, str]:

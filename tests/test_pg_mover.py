@@ -209,3 +209,27 @@ def test_a_chunk_is_durable_when_copy_chunk_returns(devenv, seeded, ctx):
             seen = other.execute("SELECT count(*) FROM lfs_objects_projects WHERE id = ANY(%s)", (ids,)).fetchone()[0]
     assert n == org.rows["lfs_objects_projects"] == seen
     mover.rollback(ctx, mid)
+
+
+def test_storage_without_a_match_needs_a_mapping(devenv, seeded, ctx):
+    from orgmover.errors import PreflightError
+
+    org = seeded["nu"]
+    src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
+    with psycopg.connect(src_dsn) as c:  # one repository of the org lives on a storage cell-1 does not have
+        shard = c.execute("INSERT INTO shards (name) VALUES ('nfs-legacy-01') RETURNING id").fetchone()[0]
+        repo = c.execute("UPDATE project_repositories SET shard_id = %s WHERE id = (SELECT min(r.id) FROM project_repositories r "
+                         "JOIN projects p ON p.id = r.project_id WHERE p.organization_id = %s) RETURNING project_id",
+                         (shard, org.id)).fetchone()[0]
+    with pytest.raises(PreflightError, match="shards: name = nfs-legacy-01 is used by the organization on the source but "
+                                             "has no match on the target cell; add it to the target or configure a mapping"):
+        mover.preflight(ctx, org.id, "legacy", "cell-1", "mapping-test")
+    assert ctx.tracking.latest_for_org(org.id) is None
+
+    mid = run_move(ctx, org.id, "legacy", "cell-1", value_maps={"shards": {"nfs-legacy-01": "storage-2"}})
+    assert ctx.tracking.get(mid)["validation"]["ok"] is True
+    with psycopg.connect(dst_dsn) as c:
+        name = c.execute("SELECT s.name FROM project_repositories r JOIN shards s ON s.id = r.shard_id "
+                         "WHERE r.project_id = %s", (repo,)).fetchone()[0]
+    assert name == "storage-2"
+    assert devenv.topology().route(org.id)["cell"] == "cell-1"

@@ -60,11 +60,12 @@ def cmd_seed(args) -> int:
     return 0
 
 
-def run_move(ctx, org: int, source: str, target: str, run_id: str = "cli", before_window=None) -> int:
+def run_move(ctx, org: int, source: str, target: str, run_id: str = "cli", before_window=None,
+             value_maps: dict | None = None) -> int:
     """Every phase in order, as the DAG runs them; release on failure. Returns the migration id."""
     from orgmover import mover
 
-    mid = mover.preflight(ctx, org, source, target, run_id)
+    mid = mover.preflight(ctx, org, source, target, run_id, value_maps)
     try:
         tables = mover.make_plan(ctx, mid)
         mover.prepare_target(ctx, mid)

@@ -10,13 +10,9 @@ imports Airflow. What this module knows about GitLab (see docs/gitlab-data-model
 
 Replication (:func:`sync_repository`) is incremental and idempotent: it copies ALL refs (branches,
 tags, merge-request, keep-around, environment, pipeline refs, ...), applies forced updates, removes
-refs deleted on the source and copies HEAD's symbolic target. A target that is already equal costs
-two ``git for-each-ref`` calls and no fetch. A target that does not exist yet is made with
-``git clone --mirror`` (git's local optimizations: on the same file system object files are
-hard-linked, they are immutable); an existing target is updated with
-``git fetch --prune --force <src> '+refs/*:refs/*'``. Syncs of the same target repository are
-serialized with ``flock`` on its directory (threads and processes), so forks sharing one pool may be
-synced concurrently.
+refs deleted on the source and copies HEAD's symbolic target; pool members are re-pointed at the pool
+on the target storage. Syncs of the same target repository are serialized with ``flock`` on its
+directory (threads and processes), so forks sharing one pool may be synced concurrently.
 
 The seeding helpers (:func:`seed_repository`, :func:`create_pool_from`, :func:`create_fork`) write
 deterministic repositories quickly with ``git fast-import`` (one process for all commits).
@@ -132,21 +128,48 @@ class _Deadline:
         return left
 
 
-def _git(repo: Path | None, *args: str, input: bytes | None = None, timeout: float | None = 600,
-         ok: tuple[int, ...] = (0,), what: str = "") -> subprocess.CompletedProcess:
-    cmd = ["git"] + (["-C", str(repo)] if repo is not None else []) + _BASE_OPTS + list(args)
+def _cmd(repo: Path | None, args: tuple[str, ...]) -> list[str]:
+    return ["git"] + (["-C", str(repo)] if repo is not None else []) + _BASE_OPTS + list(args)
+
+
+def _start(repo: Path | None, *args: str, stdin: bool = False) -> subprocess.Popen:
     try:
-        p = subprocess.run(cmd, input=input, capture_output=True, env=_env(), timeout=timeout,
-                           stdin=None if input is not None else subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        raise GitError(f"git {args[0]} timed out after {timeout:g}s{_on(repo)}{_what(what)}",
-                       stderr=(e.stderr or b"").decode(errors="replace")) from None
+        return subprocess.Popen(_cmd(repo, args), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     except FileNotFoundError:
         raise GitError("the git executable was not found on PATH") from None
+
+
+def _finish(p: subprocess.Popen, repo: Path | None, args: tuple[str, ...], input: bytes | None = None,
+            timeout: float | None = 600, ok: tuple[int, ...] = (0,), what: str = "") -> subprocess.CompletedProcess:
+    try:
+        out, err = p.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+        raise GitError(f"git {_sub(args)} timed out after {timeout:g}s{_on(repo)}{_what(what)}",
+                       stderr=(err or b"").decode(errors="replace")) from None
     if p.returncode not in ok:
-        raise GitError(f"git {' '.join(args[:2])} failed with exit code {p.returncode}{_on(repo)}{_what(what)}",
-                       stderr=p.stderr.decode(errors="replace"), returncode=p.returncode)
-    return p
+        raise GitError(f"git {_sub(args)} failed with exit code {p.returncode}{_on(repo)}{_what(what)}",
+                       stderr=err.decode(errors="replace"), returncode=p.returncode)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def _git(repo: Path | None, *args: str, input: bytes | None = None, timeout: float | None = 600,
+         ok: tuple[int, ...] = (0,), what: str = "") -> subprocess.CompletedProcess:
+    p = _start(repo, *args, stdin=input is not None)
+    return _finish(p, repo, args, input=input, timeout=timeout, ok=ok, what=what)
+
+
+def _sub(args: tuple[str, ...]) -> str:
+    """The git subcommand of ``args`` (skipping ``-c key=value`` options)."""
+    it = iter(args)
+    for a in it:
+        if a == "-c":
+            next(it, None)
+        elif not a.startswith("-"):
+            return a
+    return " ".join(args[:1])
 
 
 def _on(repo: Path | None) -> str:
@@ -179,13 +202,46 @@ def _read_head(repo: Path) -> str | None:
         return None
 
 
-def _for_each_ref(repo: Path, timeout: float | None = 600) -> dict[str, str]:
-    out = _git(repo, "for-each-ref", "--format=%(objectname) %(refname)", timeout=timeout, what="listing refs").stdout
+_FOR_EACH_REF = ("for-each-ref", "--format=%(objectname) %(refname)")
+
+
+def _parse_refs(out: bytes) -> dict[str, str]:
     refs = {}
     for line in out.decode().splitlines():
         oid, _, name = line.partition(" ")
         refs[name] = oid
     return refs
+
+
+def _for_each_ref(repo: Path, timeout: float | None = 600) -> dict[str, str]:
+    return _parse_refs(_git(repo, *_FOR_EACH_REF, timeout=timeout, what="listing refs").stdout)
+
+
+def _for_each_ref_both(a: Path, b: Path, timeout: float | None = 600) -> tuple[dict[str, str], dict[str, str]]:
+    """The refs of two repositories, listed by two concurrent git processes."""
+    pa, pb = _start(a, *_FOR_EACH_REF), _start(b, *_FOR_EACH_REF)
+    try:
+        ra = _finish(pa, a, _FOR_EACH_REF, timeout=timeout, what="listing refs")
+    finally:
+        rb = _finish(pb, b, _FOR_EACH_REF, timeout=timeout, what="listing refs")
+    return _parse_refs(ra.stdout), _parse_refs(rb.stdout)
+
+
+def _count_refs_files(repo: Path) -> int:
+    """Number of refs of a files-backend repository (packed-refs + loose refs), without running git."""
+    names = set()
+    try:
+        for line in (repo / "packed-refs").read_text().splitlines():
+            if line and line[0] not in "#^":
+                names.add(line.split(" ", 1)[1])
+    except FileNotFoundError:
+        pass
+    root = repo / "refs"
+    for d, _, files in os.walk(root):
+        for f in files:
+            if not f.endswith(".lock"):
+                names.add(os.path.relpath(os.path.join(d, f), repo))
+    return len(names)
 
 
 def list_refs(repo: Path | str) -> dict[str, str]:
@@ -347,17 +403,25 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
 
     All refs are copied (forced updates applied), refs missing on the source are deleted on the target,
     HEAD's symbolic target is copied. When the source borrows objects from a pool, pass ``src_pool`` (its
-    pool) and ``dst_pool`` (the pool on the target storage): the pool is synced first, and the target's
-    ``objects/info/alternates`` points at ``dst_pool`` before anything is fetched, so objects already in
-    the pool are not copied into the target repository. Without pools, a source that borrows objects is
-    copied self-contained (the target never points at the source's storage).
+    pool) and ``dst_pool`` (the pool on the target storage): the pool is synced first (same function), and
+    the target's ``objects/info/alternates`` points at ``dst_pool`` (relative path, like Gitaly) before
+    anything is fetched, so objects in the pool are not copied into the target repository. Without pools, a
+    source that borrows objects is copied self-contained (the target never points at the source's storage).
 
-    Returns ``{"created", "updated", "deleted"`` (refs, HEAD counted as updated when its target changed),
+    How: an equal target costs two concurrent ``git for-each-ref`` and nothing else; an existing target is
+    updated with ``git fetch --prune --force <src> '+refs/*:refs/*'`` (prune first, so a branch replaced by a
+    directory of the same name works) or, when refs were only deleted, ``git update-ref --stdin``; a fresh
+    target is made with ``git clone --mirror --local`` (object files copied, or hard-linked on the same file
+    system; a pool member's clone is re-pointed at ``dst_pool`` and checked with git's connectivity check,
+    falling back to init + fetch). ``local_clone=False`` makes fresh copies go through the pack protocol
+    (``clone --no-local`` / fetch), like a copy between hosts.
+
+    Returns ``{"created", "updated", "deleted"}`` (refs; HEAD counts as updated when its target changed),
     ``"bytes"`` (size of the object files written, approximate), ``"new_repository"``, ``"method"``
-    (``"noop"``, ``"clone"``, ``"fetch"`` or ``"delete"``), ``"seconds"``, ``"pool"`` (the pool's result or
-    None)}. ``local_clone=False`` makes a fresh copy go through the pack protocol (``clone --no-local``, like a
-    copy between hosts) instead of copying or hard-linking the object files. Raises :class:`GitError` (with git's stderr) on failure; the target is then left as it was
-    or partially updated, and a re-sync completes it.
+    (``"noop"``, ``"clone"``, ``"fetch"`` or ``"delete"``), ``"seconds"`` and ``"pool"`` (the pool's result or
+    None). Counts are computed from the refs listed before the fetch: a push racing the sync is fetched but
+    counted on the next sync. Raises :class:`GitError` (with git's stderr) on failure; the target is then
+    left as it was or partially updated, and a re-sync completes it.
     """
     t0 = time.monotonic()
     src, dst = Path(src).absolute(), Path(dst).absolute()
@@ -372,15 +436,16 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
         raise GitError(f"cannot sync {src} onto itself")
     borrowed = alternates_of(src)
     pool_result = None
+    src_pool = Path(src_pool).absolute() if src_pool is not None else None
+    dst_pool = Path(dst_pool).absolute() if dst_pool is not None else None
     if src_pool is not None:
-        src_pool, dst_pool = Path(src_pool).absolute(), Path(dst_pool).absolute()
         if borrowed is not None and not _same_path(borrowed, src_pool):
             raise GitError(f"cannot sync {src}: it borrows objects from {borrowed}, not from src_pool={src_pool}; "
                            f"target {dst} was left unchanged")
-        pool_result = sync_repository(src_pool, dst_pool, timeout=deadline.left(f"syncing pool {src_pool}"))
+        pool_result = sync_repository(src_pool, dst_pool, timeout=deadline.left(f"syncing pool {src_pool}"),
+                                      local_clone=local_clone)
 
     with _locked(dst, deadline):
-        src_refs = _for_each_ref(src, timeout=deadline.left(f"listing refs of {src}"))
         src_head = _read_head(src)
         exists = is_repository(dst)
         if not exists and any(dst.iterdir()):
@@ -389,24 +454,30 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
         result = {"created": 0, "updated": 0, "deleted": 0, "bytes": 0, "new_repository": not exists,
                   "method": "noop", "seconds": 0.0, "pool": pool_result}
 
-        if not exists and src_pool is None and borrowed is None:
-            # a fresh, self-contained copy: git's local clone copies (or hard-links) the object files as they are
-            _git(None, "clone", "--mirror", "--quiet", "--local" if local_clone else "--no-local", "--", str(src),
-                 str(dst), timeout=deadline.left(f"cloning {src}"), what=f"cloning {src}")
-            dst_refs = _for_each_ref(dst, timeout=deadline.left(f"listing refs of {dst}"))
-            result.update(created=len(dst_refs), method="clone", bytes=_objects_size(dst))
-            if _read_head(dst) != src_head:
-                _copy_head(dst, src_head, deadline)
-            result["seconds"] = time.monotonic() - t0
-            return result
+        if not exists and local_clone and (src_pool is not None or borrowed is None):
+            if _clone_fresh(src, dst, dst_pool, deadline):
+                result.update(created=_count_refs_files(dst), method="clone", bytes=_objects_size(dst))
+                if _read_head(dst) != src_head:
+                    _copy_head(dst, src_head, deadline)
+                result["seconds"] = time.monotonic() - t0
+                return result
 
         if not exists:
+            if not local_clone and src_pool is None and borrowed is None:
+                # a fresh copy through the pack protocol, like a copy between hosts
+                _git(None, "clone", "--mirror", "--quiet", "--no-local", "--", str(src), str(dst),
+                     timeout=deadline.left(f"cloning {src}"), what=f"cloning {src}")
+                result.update(created=_count_refs_files(dst), method="clone", bytes=_objects_size(dst))
+                if _read_head(dst) != src_head:
+                    _copy_head(dst, src_head, deadline)
+                result["seconds"] = time.monotonic() - t0
+                return result
             branch = src_head[5:].removeprefix("refs/heads/") if src_head and src_head.startswith("ref: ") else "main"
             _git(None, "init", "--bare", "--quiet", f"--initial-branch={branch}", str(dst),
                  timeout=deadline.left(f"creating {dst}"), what="creating the target repository")
-            dst_refs: dict[str, str] = {}
+            src_refs, dst_refs = _for_each_ref(src, timeout=deadline.left(f"listing refs of {src}")), {}
         else:
-            dst_refs = _for_each_ref(dst, timeout=deadline.left(f"listing refs of {dst}"))
+            src_refs, dst_refs = _for_each_ref_both(src, dst, timeout=deadline.left(f"listing refs of {src} and {dst}"))
         if dst_pool is not None:
             _set_alternates(dst, dst_pool)
 
@@ -415,8 +486,8 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
         deleted = [r for r in dst_refs if r not in src_refs]
         before = _objects_size(dst) if exists else 0
         if created or updated:
-            _git(dst, "fetch", "--prune", "--force", "--quiet", "--no-tags", "--no-write-fetch-head",
-                 "--no-auto-gc", "--no-show-forced-updates", "--no-recurse-submodules", "--", str(src),
+            _git(dst, "-c", "fetch.showForcedUpdates=false", "fetch", "--prune", "--force", "--quiet", "--no-tags",
+                 "--no-write-fetch-head", "--no-auto-gc", "--no-recurse-submodules", "--", str(src),
                  "+refs/*:refs/*", timeout=deadline.left(f"fetching {src}"), what=f"fetching from {src}")
             result["method"] = "fetch"
         elif deleted:
@@ -432,6 +503,30 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
                       bytes=max(0, _objects_size(dst) - before) if result["method"] == "fetch" else 0,
                       seconds=time.monotonic() - t0)
         return result
+
+
+def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, deadline: _Deadline) -> bool:
+    """A fresh target made by git's local clone: the source's own object files are copied (hard-linked on the
+    same file system; they are immutable). For a pool member the clone's alternates (git copies the SOURCE's)
+    are then pointed at the target pool and the objects the member needs beyond what the target pool's refs
+    reach are checked (git's own connectivity check, over the member's own history only). False (and ``dst``
+    emptied) when that check fails, e.g. the source relied on objects its pool holds but does not reference:
+    the caller then fetches instead."""
+    _git(None, "clone", "--mirror", "--quiet", "--local", "--", str(src), str(dst),
+         timeout=deadline.left(f"cloning {src}"), what=f"cloning {src}")
+    if dst_pool is None:
+        return True
+    _set_alternates(dst, dst_pool)
+    try:
+        _git(dst, "rev-list", "--objects", "--all", "--not", "--alternate-refs", "--quiet",
+             timeout=deadline.left(f"checking {dst}"), what="checking the clone against the target pool")
+        return True
+    except GitError as e:
+        if "timed out" in str(e):
+            raise
+        for child in list(dst.iterdir()):
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return False
 
 
 def _copy_head(dst: Path, src_head: str | None, deadline: _Deadline) -> None:

@@ -108,7 +108,7 @@ class PreflightResult:
     route_version: int | None = None
 
 
-def run_checks(ctx: MoveContext, org_id: int, source: str, target: str) -> PreflightResult:
+def run_checks(ctx: MoveContext, org_id: int, source: str, target: str, value_maps: dict | None = None) -> PreflightResult:
     """All read-only preflight checks. Returns problems instead of raising, for the dry-run report."""
     problems: list[str] = []
     notes: list[str] = []
@@ -166,6 +166,7 @@ def run_checks(ctx: MoveContext, org_id: int, source: str, target: str) -> Prefl
         plan = None
         try:
             _, plan = _catalog_and_plan(src, dictionary, org_id)
+            plan.apply_value_maps(value_maps)
         except ClassificationError as e:
             problems.extend(e.problems)
         if plan is not None and not problems:
@@ -182,9 +183,11 @@ def run_checks(ctx: MoveContext, org_id: int, source: str, target: str) -> Prefl
         return PreflightResult(active["id"] if active else None, problems, notes, plan, route_version)
 
 
-def preflight(ctx: MoveContext, org_id: int, source: str, target: str, run_id: str | None = None) -> int:
-    """Run every check; on success create (or adopt an unfinished) migration. Changes no cell."""
-    res = run_checks(ctx, org_id, source, target)
+def preflight(ctx: MoveContext, org_id: int, source: str, target: str, run_id: str | None = None,
+              value_maps: dict | None = None) -> int:
+    """Run every check; on success create (or adopt an unfinished) migration. Changes no cell.
+    ``value_maps`` maps shared rows matched on one column, e.g. {"shards": {"storage-2": "default"}}."""
+    res = run_checks(ctx, org_id, source, target, value_maps)
     for n in res.notes:
         ctx.log(n)
     if res.problems:
@@ -196,6 +199,8 @@ def preflight(ctx: MoveContext, org_id: int, source: str, target: str, run_id: s
     else:
         m = ctx.tracking.create(org_id, source, target, run_id)
         ctx.tracking.event(m["id"], "info", f"created by run {run_id}")
+    if value_maps is not None:
+        ctx.tracking.update(m["id"], options={"value_maps": value_maps})
         ctx.log(f"created migration #{m['id']}: organization {org_id} {source} -> {target}")
     ctx.tracking.phase_started(m["id"], "preflight")
     ctx.tracking.phase_finished(m["id"], "preflight")
@@ -209,6 +214,7 @@ def make_plan(ctx: MoveContext, mid: int) -> list[str]:
     with _phase(ctx, mid, "plan"):
         with ctx.cell(m["source_cell"]).connect() as src:
             catalog, plan = _catalog_and_plan(src, load_dictionary(ctx.dictionary_dir), m["organization_id"])
+            plan.apply_value_maps((m.get("options") or {}).get("value_maps"))
             for tp in plan.tables.values():
                 if tp.strategy != "skip":
                     tp.est_rows, tp.est_bytes = org_stats(src, tp)
@@ -247,9 +253,10 @@ def measure_throughput(conn: psycopg.Connection, plan: Plan, sample_bytes: int =
     return n / max(time.monotonic() - t0, 1e-6)
 
 
-def dry_run(ctx: MoveContext, org_id: int, source: str, target: str) -> tuple[Path, list[str]]:
+def dry_run(ctx: MoveContext, org_id: int, source: str, target: str,
+            value_maps: dict | None = None) -> tuple[Path, list[str]]:
     """Check and plan without changing anything; write a readable report. Returns (path, problems)."""
-    res = run_checks(ctx, org_id, source, target)
+    res = run_checks(ctx, org_id, source, target, value_maps)
     rate = 0.0
     if res.plan is not None:
         with ctx.cell(source).connect() as src:
@@ -540,7 +547,7 @@ def validate_all(ctx: MoveContext, mid: int) -> dict:
     cells in parallel; row-level diffs and secret comparisons only where needed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from orgmover.validation import TableValidation, encrypted_diff, row_diff, table_checksum
+    from orgmover.validation import TableValidation, encrypted_diff, lookup_validation, row_diff, table_checksum
 
     m = ctx.tracking.get(mid)
     plan = load_plan(ctx, mid)
@@ -551,23 +558,30 @@ def validate_all(ctx: MoveContext, mid: int) -> dict:
         ctx.tracking.update(mid, state="validating")
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
 
-    def side(cell):
+    lookups = [t for t in todo if plan.tables[t].strategy == "shared" and not plan.tables[t].insert_missing]
+    summed = [t for t in todo if t not in lookups]
+
+    def side(cell, source):
         with cell.connect() as c:
-            return {t: table_checksum(c, plan.tables[t]) for t in todo}
+            return {t: table_checksum(c, plan.tables[t], source) for t in summed}
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(2) as ex:
-        fs, fd = ex.submit(side, src_cell), ex.submit(side, dst_cell)
+        fs, fd = ex.submit(side, src_cell, True), ex.submit(side, dst_cell, False)
         src_sums, dst_sums = fs.result(), fd.result()
     bad = 0
     with src_cell.connect() as s, dst_cell.connect() as d:
         for t in todo:
             tp = plan.tables[t]
-            (sn, ss), (dn, ds) = src_sums[t], dst_sums[t]
-            res = TableValidation(t, tp.strategy, sn, dn, ss, ds)
+            if t in lookups:
+                res = lookup_validation(s, d, tp)
+                sn, dn, ss, ds = res.source_rows, res.target_rows, res.source_checksum, res.target_checksum
+            else:
+                (sn, ss), (dn, ds) = src_sums[t], dst_sums[t]
+                res = TableValidation(t, tp.strategy, sn, dn, ss, ds)
             if tp.encrypted:
                 res.encrypted = encrypted_diff(s, d, tp, src_cell.key, dst_cell.key).to_dict()
-            if (sn, ss) != (dn, ds):
+            if (sn, ss) != (dn, ds) and t not in lookups:
                 res.diff = row_diff(s, d, tp).to_dict()
             bad += not res.ok
             ctx.tracking.update_table(mid, t, source_rows=sn, target_rows=dn, source_checksum=ss, target_checksum=ds,

@@ -91,6 +91,8 @@ def remap_tables(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan, t
             f"SELECT s.{qi(r.ref_column)}::text, {match} FROM {qi(r.table)} s "
             f"WHERE s.{qi(r.ref_column)} IN (SELECT t.{qi(r.column)} FROM {qi(tp.table)} t WHERE {tp.where})").fetchall()
         mapping: dict[str, str] = {}
+        if r.value_map:
+            src_rows = [(row[0], *(r.value_map.get(str(v), v) for v in row[1:])) for row in src_rows]
         if src_rows:
             keys = [tuple(row[1:]) for row in src_rows]
             tgt = {}
@@ -204,6 +206,12 @@ def sync_shared_table(src: psycopg.Connection, dst: psycopg.Connection, plan: Pl
                       logger: Callable[[str], None] | None = None) -> dict:
     """Make every shared row the org references exist on the target (matched on ``match_on``)."""
     progress = Progress(f"shared {tp.table}", logger=logger)
+    if not tp.insert_missing:  # looked up only (e.g. shards): every referenced row must match, maybe through a mapping
+        problems = missing_matches(src, dst, tp)
+        if problems:
+            raise CopyError("; ".join(problems))
+        return {"referenced": int(src.execute(f"SELECT count(*) FROM {qi(tp.table)} t WHERE {tp.where}").fetchone()[0]),
+                "inserted": 0}
     cols = ", ".join(qi(c) for c in tp.columns)
     match = " AND ".join(f"x.{qi(c)} = s.{qi(c)}" for c in tp.match_on)
     transform = None
@@ -298,20 +306,24 @@ def delete_org_rows(conn: psycopg.Connection, plan: Plan, tables: Iterable[str] 
     return counts
 
 
+def missing_matches(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan) -> list[str]:
+    """Referenced rows of a looked-up shared table that have no match on the target (after the mapping)."""
+    problems = []
+    match = ", ".join(f"t.{qi(c)}" for c in tp.match_on)
+    for row in src.execute(f"SELECT DISTINCT {match} FROM {qi(tp.table)} t WHERE {tp.where}").fetchall():
+        wanted = tuple(tp.value_map.get(str(v), v) for v in row)
+        cond = " AND ".join(f"{qi(c)} = %s" for c in tp.match_on)
+        if not dst.execute(f"SELECT 1 FROM {qi(tp.table)} WHERE {cond}", wanted).fetchone():
+            shown = row[0] if len(row) == 1 else row
+            via = f" (mapped to {wanted[0] if len(wanted) == 1 else wanted})" if wanted != tuple(row) else ""
+            problems.append(f"{tp.table}: {', '.join(tp.match_on)} = {shown}{via} is used by the organization on the "
+                            f"source but has no match on the target cell; add it to the target or configure a mapping")
+    return problems
+
+
 def check_shared_matches(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan) -> list[str]:
     """Shared rows that must already exist on the target (insert_missing false) and do not."""
-    problems = []
-    for tp in plan.of("shared"):
-        if tp.insert_missing:
-            continue
-        match = ", ".join(f"t.{qi(c)}" for c in tp.match_on)
-        wanted = src.execute(f"SELECT DISTINCT {match} FROM {qi(tp.table)} t WHERE {tp.where}").fetchall()
-        for row in wanted:
-            cond = " AND ".join(f"{qi(c)} = %s" for c in tp.match_on)
-            if not dst.execute(f"SELECT 1 FROM {qi(tp.table)} WHERE {cond}", row).fetchone():
-                problems.append(f"{tp.table}: {', '.join(tp.match_on)} = {row[0] if len(row) == 1 else row} "
-                                f"exists on the source but not on the target cell (no mapping)")
-    return problems
+    return [p for tp in plan.of("shared") if not tp.insert_missing for p in missing_matches(src, dst, tp)]
 
 
 __all__ = ["CopyResult", "Progress", "copy_org_table", "sync_shared_table", "key_collisions", "delete_org_rows",

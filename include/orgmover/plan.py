@@ -51,6 +51,7 @@ class Remap:
     table: str            # the shared table
     ref_column: str       # its id column
     match_on: list[str]   # columns identifying the row on every cell
+    value_map: dict = field(default_factory=dict)  # configured: source match value -> target match value
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TablePlan:
     est_rows: int = 0
     est_bytes: int = 0
     inferred: bool = False
+    value_map: dict = field(default_factory=dict)  # shared tables: configured source -> target match value
 
     def select_sql(self, columns: list[str] | None = None) -> str:
         cols = ", ".join(f"t.{qi(c)}" for c in (columns or self.columns))
@@ -95,6 +97,20 @@ class Plan:
     tables: dict[str, TablePlan]
     warnings: list[str] = field(default_factory=list)
     schema_version: str | None = None
+
+    def apply_value_maps(self, maps: dict[str, dict[str, str]] | None) -> None:
+        """Configured mappings of shared rows matched on one column, e.g. {"shards": {"nfs-01": "default"}}:
+        a source row whose match value is mapped is matched with the target row of the mapped value."""
+        for table, vm in (maps or {}).items():
+            tp = self.tables.get(table)
+            if tp is None or tp.strategy != "shared" or len(tp.match_on) != 1:
+                raise ClassificationError(f"a value mapping is configured for {table}, which is not a shared table "
+                                          f"matched on one column")
+            tp.value_map = {str(k): str(v) for k, v in vm.items()}
+            for other in self.tables.values():
+                for r in other.remaps:
+                    if r.table == table:
+                        r.value_map = tp.value_map
 
     def of(self, strategy: str) -> list[TablePlan]:
         return [p for p in self.tables.values() if p.strategy == strategy]

@@ -111,6 +111,9 @@ def _is_digest(ref: str) -> bool:
 # A local registry process
 # ---------------------------------------------------------------------------------------------
 
+DEBIAN_BINARY = Path("/usr/bin/docker-registry")
+
+
 def registry_binary() -> Path:
     """The distribution registry binary: ``$ORGMOVER_REGISTRY_BIN``, ``docker-registry`` (Debian,
     /usr/bin/docker-registry) or ``registry`` (upstream name) on PATH."""
@@ -123,8 +126,8 @@ def registry_binary() -> Path:
         found = shutil.which(name)
         if found:
             return Path(found)
-    if Path("/usr/bin/docker-registry").exists():
-        return Path("/usr/bin/docker-registry")
+    if DEBIAN_BINARY.exists():
+        return DEBIAN_BINARY
     raise ConfigError(
         "the container registry binary is not installed: install Debian's distribution registry with "
         "`apt-get install -y docker-registry` (provides /usr/bin/docker-registry), or put the upstream "

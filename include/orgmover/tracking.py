@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS orgmover.tables (
 );
 ALTER TABLE orgmover.migrations ADD COLUMN IF NOT EXISTS precopy_xmin bigint;
 ALTER TABLE orgmover.migrations ADD COLUMN IF NOT EXISTS source_cleaned_at timestamptz;
+ALTER TABLE orgmover.migrations ADD COLUMN IF NOT EXISTS options jsonb;
 ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS chunk_column text;
 ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS validated_in_window integer;
 ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS synced_in_window integer;

@@ -37,8 +37,21 @@ def _encrypted_columns(tp: TablePlan) -> set[str]:
     return out
 
 
-def row_exprs(tp: TablePlan) -> list[str]:
-    """SQL expressions (over alias t) whose text is compared between cells."""
+def _mapped(expr: str, value_map: dict) -> str:
+    """``expr`` with configured source -> target values substituted (source side only)."""
+    if not value_map:
+        return expr
+    whens = " ".join(f"WHEN {_lit(k)} THEN {_lit(v)}" for k, v in sorted(value_map.items()))
+    return f"(CASE ({expr})::text {whens} ELSE ({expr})::text END)"
+
+
+def _lit(v: str) -> str:
+    return "'" + str(v).replace("'", "''") + "'"
+
+
+def row_exprs(tp: TablePlan, source: bool = False) -> list[str]:
+    """SQL expressions (over alias t) whose text is compared between cells. On the source side,
+    configured value mappings are applied so both cells produce the same text."""
     enc = _encrypted_columns(tp)
     remap = {r.column: r for r in tp.remaps}
     cols = tp.compare_columns if tp.strategy == "shared" else tp.columns
@@ -48,8 +61,10 @@ def row_exprs(tp: TablePlan) -> list[str]:
             continue
         r = remap.get(c)
         if r is not None:
-            m = ", ".join(f"r.{qi(x)}" for x in r.match_on)
+            m = ", ".join(_mapped(f"r.{qi(x)}", r.value_map if source else {}) for x in r.match_on)
             exprs.append(f"(SELECT ROW({m})::text FROM {qi(r.table)} r WHERE r.{qi(r.ref_column)} = t.{qi(c)})")
+        elif tp.strategy == "shared" and c in tp.match_on and source:
+            exprs.append(_mapped(f"t.{qi(c)}", tp.value_map))
         else:
             exprs.append(f"t.{qi(c)}")
     return exprs
@@ -60,13 +75,13 @@ def identity(tp: TablePlan) -> list[str]:
     return tp.match_on if tp.strategy == "shared" else tp.key
 
 
-def checksum_sql(tp: TablePlan) -> str:
-    return (f"SELECT count(*), coalesce(sum(hashtextextended(ROW({', '.join(row_exprs(tp))})::text, 0)::numeric), 0)::text "
+def checksum_sql(tp: TablePlan, source: bool = False) -> str:
+    return (f"SELECT count(*), coalesce(sum(hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0)::numeric), 0)::text "
             f"FROM {qi(tp.table)} t WHERE {tp.where}")
 
 
-def table_checksum(conn: psycopg.Connection, tp: TablePlan) -> tuple[int, str]:
-    n, s = conn.execute(checksum_sql(tp)).fetchone()
+def table_checksum(conn: psycopg.Connection, tp: TablePlan, source: bool = False) -> tuple[int, str]:
+    n, s = conn.execute(checksum_sql(tp, source)).fetchone()
     return int(n), s
 
 
@@ -86,9 +101,10 @@ class DiffResult:
         return asdict(self)
 
 
-def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, name: str, batch: int = 10000):
-    key = "ROW(" + ", ".join(f"t.{qi(c)}" for c in identity(tp)) + ")::text"
-    sql = (f"SELECT {key} AS k, hashtextextended(ROW({', '.join(row_exprs(tp))})::text, 0) AS h "
+def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, name: str, batch: int = 10000, source: bool = False):
+    vm = tp.value_map if (source and tp.strategy == "shared") else {}
+    key = "ROW(" + ", ".join(_mapped(f"t.{qi(c)}", vm) if vm else f"t.{qi(c)}" for c in identity(tp)) + ")::text"
+    sql = (f"SELECT {key} AS k, hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0) AS h "
            f"FROM {qi(tp.table)} t WHERE {tp.where} ORDER BY {key} COLLATE \"C\"")
     with conn.transaction():
         with conn.cursor(name=name) as cur:
@@ -127,7 +143,7 @@ def _merge_diff(src_iter, dst_iter, samples: int) -> DiffResult:
 
 def row_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, samples: int = 10) -> DiffResult:
     """Row-level diff of the org's rows of one table (streamed merge in key order)."""
-    return _merge_diff(_keyed_hashes(src, tp, "om_diff_src"), _keyed_hashes(dst, tp, "om_diff_dst"), samples)
+    return _merge_diff(_keyed_hashes(src, tp, "om_diff_src", source=True), _keyed_hashes(dst, tp, "om_diff_dst"), samples)
 
 
 def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, name: str):
@@ -190,12 +206,16 @@ def validate_table(connect_src: Callable[[], psycopg.Connection], connect_dst: C
                    tp: TablePlan, src_key: bytes | None = None, dst_key: bytes | None = None,
                    diff_samples: int = 10) -> TableValidation:
     """Checksums on both cells in parallel; a row-level diff when they differ."""
-    def run(connect):
+    if tp.strategy == "shared" and not tp.insert_missing:
+        with connect_src() as s, connect_dst() as d:
+            return lookup_validation(s, d, tp)
+
+    def run(connect, source):
         with connect() as c:
-            return table_checksum(c, tp)
+            return table_checksum(c, tp, source)
 
     with ThreadPoolExecutor(2) as ex:
-        fs, fd = ex.submit(run, connect_src), ex.submit(run, connect_dst)
+        fs, fd = ex.submit(run, connect_src, True), ex.submit(run, connect_dst, False)
         (sn, ss), (dn, ds) = fs.result(), fd.result()
     res = TableValidation(tp.table, tp.strategy, sn, dn, ss, ds)
     if tp.encrypted:
@@ -231,3 +251,22 @@ def fk_violations(conn: psycopg.Connection, plan: Plan, catalog: Catalog, sample
                                 f"{', '.join(r[0] for r in rows[:samples])}{' and more' if len(rows) > samples else ''} "
                                 f"reference a missing row")
     return problems
+
+
+def lookup_validation(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan) -> TableValidation:
+    """A looked-up shared table (e.g. shards) is never written: it is valid when every row the org
+    references on the source has its (mapped) match on the target. The referencing columns are compared
+    by that match key in their own tables' checksums."""
+    from orgmover.pgcopy import missing_matches
+
+    match = ", ".join(f"t.{qi(c)}" for c in tp.match_on)
+    values = {tuple(tp.value_map.get(str(v), v) for v in row)
+              for row in src.execute(f"SELECT DISTINCT {match} FROM {qi(tp.table)} t WHERE {tp.where}")}
+    missing = missing_matches(src, dst, tp)
+    digest = hashlib.sha256(repr(sorted(map(str, values))).encode()).hexdigest()[:16]
+    res = TableValidation(tp.table, tp.strategy, len(values), len(values) - len(missing), digest,
+                          digest if not missing else "missing")
+    if missing:
+        res.diff = DiffResult(matching=len(values) - len(missing), missing_on_target=len(missing),
+                              samples={"mismatched": [], "missing_on_target": missing[:10], "extra_on_target": []}).to_dict()
+    return res

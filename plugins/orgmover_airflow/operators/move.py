@@ -74,25 +74,28 @@ class PreflightOperator(OrgMoveBaseOperator):
     """Checks everything, changes nothing. A real move creates (or resumes) a migration and returns
     its id; a dry run writes the readable report and returns None (failing if the move would be refused)."""
 
-    template_fields = ("organization_id", "source_cell", "target_cell", "dry_run")
+    template_fields = ("organization_id", "source_cell", "target_cell", "dry_run", "shard_map")
     ui_color = "#fff4e5"
 
-    def __init__(self, *, organization_id: Any, source_cell: str, target_cell: str, dry_run: Any = False, **kwargs: Any):
+    def __init__(self, *, organization_id: Any, source_cell: str, target_cell: str, dry_run: Any = False,
+                 shard_map: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.organization_id, self.source_cell, self.target_cell, self.dry_run = organization_id, source_cell, target_cell, dry_run
+        self.shard_map = shard_map
 
     def run_phase(self, context: Any):
         org = int(self.organization_id)
         dry = self.dry_run in (True, "True", "true", 1, "1")
+        maps = {"shards": dict(self.shard_map)} if self.shard_map else None
         ctx = self.move_context()
         if dry:
-            path, problems = mover.dry_run(ctx, org, self.source_cell, self.target_cell)
+            path, problems = mover.dry_run(ctx, org, self.source_cell, self.target_cell, maps)
             context["ti"].xcom_push(key="report", value=str(path))
             if problems:
                 raise PreflightError(problems + [f"dry-run report: {path}"])
             return None
         run_id = context["run_id"] if "run_id" in context else None
-        return mover.preflight(ctx, org, self.source_cell, self.target_cell, run_id)
+        return mover.preflight(ctx, org, self.source_cell, self.target_cell, run_id, maps)
 
 
 class PlanOperator(OrgMoveBaseOperator):
