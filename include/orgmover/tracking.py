@@ -8,6 +8,7 @@ organization is enforced by a partial unique index.
 from __future__ import annotations
 
 import json
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -106,14 +107,17 @@ class Tracking:
 
     def __init__(self, dsn: str):
         self.dsn = dsn
-        self._conn: psycopg.Connection | None = None
+        self._local = threading.local()
+        self._all: list[psycopg.Connection] = []
 
     @contextmanager
     def conn(self) -> Iterator[psycopg.Connection]:
-        """One transaction on a connection kept open for the life of this object (reopened if broken)."""
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10)
-        c = self._conn
+        """One transaction on a connection kept open for the life of this object, one per thread
+        (reopened if broken)."""
+        c = getattr(self._local, "conn", None)
+        if c is None or c.closed or c.broken:
+            c = self._local.conn = psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10)
+            self._all.append(c)
         try:
             with c.transaction():
                 yield c
@@ -125,8 +129,9 @@ class Tracking:
                 c.rollback()
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        for c in self._all:
+            c.close()
+        self._all.clear()
 
     def ensure_schema(self) -> None:
         with self.conn() as c:
