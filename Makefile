@@ -14,6 +14,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip wheel
 	@$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
 	@$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@scripts/install-system-packages.sh
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -25,7 +26,11 @@ test: $(STAMP)
 	@$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
+	@scripts/install-system-packages.sh --bench
 	@$(PY) bench/bench_pg.py
+	@$(PY) bench/bench_git.py
+	@$(PY) bench/bench_objects.py
+	@$(PY) bench/bench_registry.py
 
 dev-up: $(STAMP)
 	@$(VENV)/bin/orgmover dev up

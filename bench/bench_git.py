@@ -6,12 +6,14 @@ the same run on the same repositories. Run: .venv/bin/python bench/bench_git.py 
         vs  a loop of `git clone --mirror --no-local`
   (2) incremental re-sync of all repositories after a few pushes (new commits, a force-push, a deleted
       branch, a new and a deleted tag, a push to a fork)
-        vs  a second `git clone --mirror` loop, and vs `git fetch --prune` in each mirror
+        vs  a second `git clone --mirror` loop (and `--no-local`), and vs `git fetch --prune` in each mirror
+
+orgmover syncs like the DAG would schedule it: the pools first, then every repository with sync_pool=False.
 
 Some repositories use object pools: every group of 8 projects has one pool source, two forks and five plain
 projects. sync_repository keeps the forks on the TARGET pool; `clone --mirror` of a fork points it at the
 SOURCE pool (its alternates are copied), so the peer does less work there than a real move needs.
-Each measure is the median of --rounds rounds. At the end every target is checked against its source
+Each measure is the median of --rounds rounds (after a warm-up; who runs first alternates). At the end every target is checked against its source
 (refs, HEAD, Gitaly checksum, git fsck --connectivity-only on a sample).
 """
 
@@ -25,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from orgmover.git import (GitStorage, checksums_equal, create_fork, create_pool_from, fsck_connectivity, list_refs,
@@ -80,14 +82,26 @@ def jobs_for(repos, src_root: Path, dst_root: Path):
 
 
 def orgmover_sync(jobs, workers: int = 1, local_clone: bool = True) -> list[dict]:
+    """Like the DAG would: each pool once, before its members (which then pass sync_pool=False)."""
+    pools = sorted({(sp, dp) for _, _, sp, dp in jobs if sp is not None})
+
+    def pool(p):
+        return sync_repository(p[0], p[1], local_clone=local_clone)
+
     def one(j):
         src, dst, sp, dp = j
-        return sync_repository(src, dst, src_pool=sp, dst_pool=dp, local_clone=local_clone)
+        return sync_repository(src, dst, src_pool=sp, dst_pool=dp, local_clone=local_clone, sync_pool=False)
 
     if workers == 1:
-        return [one(j) for j in jobs]
+        return [pool(p) for p in pools] + [one(j) for j in jobs]
     with ThreadPoolExecutor(workers) as ex:
-        return list(ex.map(one, jobs))
+        # pools first, then plain repositories, and each pool's members as soon as their pool is done
+        pool_futs = {ex.submit(pool, p): p for p in pools}
+        futs = [ex.submit(one, j) for j in jobs if j[2] is None]
+        for f in as_completed(pool_futs):
+            f.result()
+            futs += [ex.submit(one, j) for j in jobs if (j[2], j[3]) == pool_futs[f]]
+        return [f.result() for f in pool_futs] + [f.result() for f in futs]
 
 
 def mirror_clone_loop(repos, src_root: Path, dst_root: Path, workers: int = 1, no_local: bool = False) -> None:
@@ -169,7 +183,7 @@ def main() -> int:
     ap.add_argument("--repos", type=int, default=40)
     ap.add_argument("--commits", type=int, default=60, help="commits on main per repository (plain ones vary 0.5x-2x)")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
     a = ap.parse_args()
@@ -186,25 +200,37 @@ def main() -> int:
 
         m: dict[str, list[float]] = {k: [] for k in
                                      ("seq", "par", "mirror", "mirror_par", "pack", "mirror_nolocal",
-                                      "inc", "inc_mirror", "inc_fetch")}
+                                      "inc", "inc_mirror", "inc_fetch", "inc_mirror_nolocal")}
         rng = random.Random(a.seed + 1)
         changed = ""
+        # warm-up (page cache, git's own start-up), not measured
+        orgmover_sync(jobs_for(repos, src_root, work / "warm" / "t"))
+        mirror_clone_loop(repos, src_root, work / "warm" / "m")
+        shutil.rmtree(work / "warm")
         for rnd in range(a.rounds):
             d = work / f"r{rnd}"
             t1, t2, t3, mm, mp, mn = (d / x for x in ("t1", "t2", "t3", "m1", "m2", "m3"))
-            m["seq"].append(timed(orgmover_sync, jobs_for(repos, src_root, t1))[0])
-            m["mirror"].append(timed(mirror_clone_loop, repos, src_root, mm)[0])
-            m["par"].append(timed(orgmover_sync, jobs_for(repos, src_root, t2), a.workers)[0])
-            m["mirror_par"].append(timed(mirror_clone_loop, repos, src_root, mp, a.workers)[0])
-            m["pack"].append(timed(orgmover_sync, jobs_for(repos, src_root, t3), 1, False)[0])
-            m["mirror_nolocal"].append(timed(mirror_clone_loop, repos, src_root, mn, 1, True)[0])
+            # (measure, ours, peer); who goes first alternates between rounds
+            pairs = [(lambda: orgmover_sync(jobs_for(repos, src_root, t1)), "seq",
+                      lambda: mirror_clone_loop(repos, src_root, mm), "mirror"),
+                     (lambda: orgmover_sync(jobs_for(repos, src_root, t2), a.workers), "par",
+                      lambda: mirror_clone_loop(repos, src_root, mp, a.workers), "mirror_par"),
+                     (lambda: orgmover_sync(jobs_for(repos, src_root, t3), 1, False), "pack",
+                      lambda: mirror_clone_loop(repos, src_root, mn, 1, True), "mirror_nolocal")]
+            for ours, ok, peer, pk in pairs:
+                for fn, key in ([(ours, ok), (peer, pk)] if rnd % 2 == 0 else [(peer, pk), (ours, ok)]):
+                    m[key].append(timed(fn)[0])
             verify(repos, src_root, t2, fsck_sample=2)
             verify(repos, src_root, t3, fsck_sample=2)
             changed = push_changes(repos, rng, rnd)
-            m["inc"].append(timed(orgmover_sync, jobs_for(repos, src_root, t1))[0])
             shutil.rmtree(mp)
-            m["inc_mirror"].append(timed(mirror_clone_loop, repos, src_root, mp)[0])
-            m["inc_fetch"].append(timed(mirror_fetch_loop, repos, src_root, mm)[0])
+            shutil.rmtree(mn)
+            incs = [(lambda: orgmover_sync(jobs_for(repos, src_root, t1)), "inc"),
+                    (lambda: mirror_clone_loop(repos, src_root, mp), "inc_mirror"),
+                    (lambda: mirror_fetch_loop(repos, src_root, mm), "inc_fetch"),
+                    (lambda: mirror_clone_loop(repos, src_root, mn, 1, True), "inc_mirror_nolocal")]
+            for fn, key in (incs if rnd % 2 == 0 else incs[::-1]):
+                m[key].append(timed(fn)[0])
             verified = verify(repos, src_root, t1)
             noop = orgmover_sync(jobs_for(repos, src_root, t1))
             assert all(r["created"] + r["updated"] + r["deleted"] == 0 for r in noop), "second sync was not a no-op"
@@ -228,6 +254,8 @@ def main() -> int:
                 "clone --mirror --no-local loop"),
             row(f"(2) incremental re-sync ({changed})", "inc", "inc_mirror", "2nd clone --mirror loop"),
             row(f"(2) incremental re-sync ({changed})", "inc", "inc_fetch", "fetch --prune in each mirror"),
+            row(f"(2) incremental re-sync ({changed})", "inc", "inc_mirror_nolocal",
+                "2nd clone --mirror --no-local loop"),
         ]
         print(table(["measure", "orgmover", "baseline (same run)", "ratio", "goal"], rows, "lrrrl"))
         print(f"\nmedian of {a.rounds} rounds; every round verified {verified} targets against their sources "

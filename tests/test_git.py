@@ -146,6 +146,9 @@ def test_full_sync(tmp_path, seeded, how):
     assert res["method"] == ("fetch" if how == "into-empty" else "clone") and res["bytes"] > 0
     assert alternates_of(dst) is None
     fsck_connectivity(dst)
+    # the target does not remember the source (clone --mirror's remote is dropped)
+    assert subprocess.run(["git", "-C", str(dst), "config", "--get-regexp", "^remote\\."],
+                          capture_output=True).stdout == b""
 
 
 def test_incremental_sync(tmp_path, seeded):
@@ -264,9 +267,9 @@ def test_sync_fork_with_pools(tmp_path, pooled):
     tgt = GitStorage("cell-1", tmp_path / "tgt")
     tpool = tgt.pool(1)
     for i, f in enumerate(forks):
-        # a fresh fork: local clone re-pointed at the target pool, or (pack protocol) init + fetch
+        # a fresh fork: local clone re-pointed at the target pool, or (pack protocol) clone --reference <target pool>
         res = sync_repository(f, tgt.project(100 + i), src_pool=pool, dst_pool=tpool, local_clone=(i == 0))
-        assert res["pool"] is not None and res["method"] == ("clone" if i == 0 else "fetch")
+        assert res["pool"] is not None and res["method"] == "clone" and res["created"] == len(list_refs(f)) - 1
     res = sync_repository(source, tgt.project(1), src_pool=pool, dst_pool=tpool)
     for f, t in [(source, tgt.project(1))] + [(f, tgt.project(100 + i)) for i, f in enumerate(forks)]:
         assert alternates_of(t) == tpool.absolute()  # the TARGET pool, never the source's
@@ -285,6 +288,11 @@ def test_sync_fork_with_pools(tmp_path, pooled):
     assert (res["created"], res["updated"], res["deleted"]) == (0, 1, 0) and res["pool"]["method"] == "noop"
     assert_same(fork, tgt.project(100))
     fsck_connectivity(tgt.project(100))
+    # a caller that synced the pool itself skips the per-member pool check
+    res = sync_repository(fork, tgt.project(100), src_pool=pool, dst_pool=tpool, sync_pool=False)
+    assert res["pool"] is None and res["method"] == "noop"
+    with pytest.raises(GitError, match="target pool .* does not exist"):
+        sync_repository(fork, tgt.project(555), src_pool=pool, dst_pool=tmp_path / "nopool.git", sync_pool=False)
 
 
 def test_fresh_fork_clone_falls_back_to_fetch_when_the_target_pool_lacks_objects(tmp_path, pooled):
@@ -300,6 +308,16 @@ def test_fresh_fork_clone_falls_back_to_fetch_when_the_target_pool_lacks_objects
     res = sync_repository(forks[0], dst, src_pool=pool, dst_pool=tpool)
     assert res["method"] == "fetch" and res["new_repository"]
     assert alternates_of(dst) == tpool.absolute()
+    fsck_connectivity(dst)
+    assert_same(forks[0], dst)
+
+
+def test_target_moved_to_another_pool_is_copied_afresh(tmp_path, pooled):
+    _, pool, forks = pooled
+    dst = tmp_path / "tgt" / "fork.git"
+    sync_repository(forks[0], dst, src_pool=pool, dst_pool=tmp_path / "tgt" / "pool-a.git")
+    res = sync_repository(forks[0], dst, src_pool=pool, dst_pool=tmp_path / "tgt" / "pool-b.git")
+    assert res["new_repository"] and alternates_of(dst) == (tmp_path / "tgt" / "pool-b.git").absolute()
     fsck_connectivity(dst)
     assert_same(forks[0], dst)
 

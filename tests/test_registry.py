@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import random
+import socket
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,6 +85,9 @@ def seeded(registries):
     src.put_manifest(WEB, "latest", *src.get_manifest(WEB, "v2")[:2])  # alias of v2
     out[WEB]["latest"] = out[WEB]["v2"]
     out[WEB]["multi"] = push_index(src, WEB, "multi", rng, shared_layers=base[:1])
+    amd64 = json.loads(src.get_manifest(WEB, "multi")[1])["manifests"][0]["digest"]
+    src.put_manifest(WEB, "multi-amd64", *src.get_manifest(WEB, amd64)[:2])  # a tag on a child of the index
+    out[WEB]["multi-amd64"] = amd64
     out[API]["v1"] = push_image(src, API, "v1", rng, shared_layers=base, layers=1)
     out[API]["v2"] = push_image(src, API, "v2", rng, shared_layers=base, layers=1)
     out[API]["v3"] = push_image(src, API, "v3", rng, shared_layers=base[:1], layers=2)
@@ -119,13 +123,17 @@ def synced(registries, seeded):
 
 class FlakyProxy:
     """HTTP proxy in front of a real registry: 503 to the first ``fail_first`` requests, then forwards
-    each request unchanged (Host included, so upload locations point back at the proxy)."""
+    each request unchanged (Host included, so upload locations point back at the proxy). With
+    ``cut_blob_downloads``, the first N whole-blob downloads are cut off half-way."""
 
     HOP = {"connection", "keep-alive", "transfer-encoding", "date", "server", "content-length"}
 
-    def __init__(self, upstream_port: int, fail_first: int):
+    def __init__(self, upstream_port: int, fail_first: int = 0, cut_blob_downloads: int = 0):
         self.upstream_port = upstream_port
         self.fail_first = fail_first
+        self.cut_blob_downloads = cut_blob_downloads  # drop the connection half-way through N blob GETs
+        self.cut = 0
+        self.resumed = 0  # downloads answered 206 to a Range request
         self.failed = 0
         self.forwarded = 0
         self._lock = threading.Lock()
@@ -190,7 +198,17 @@ class FlakyProxy:
             h.send_header("Content-Length", resp.getheader("Content-Length", "0") if h.command == "HEAD"
                           else str(len(data)))
             h.end_headers()
-            if h.command != "HEAD":
+            with self._lock:
+                cut = (h.command == "GET" and "/blobs/sha256:" in h.path and "Range" not in h.headers
+                       and resp.status == 200 and self.cut < self.cut_blob_downloads)
+                self.cut += cut
+                self.resumed += h.command == "GET" and "Range" in h.headers and resp.status == 206
+            if cut:
+                h.wfile.write(data[: len(data) // 2])
+                h.wfile.flush()
+                h.connection.shutdown(socket.SHUT_RDWR)
+                h.close_connection = True
+            elif h.command != "HEAD":
                 h.wfile.write(data)
         finally:
             conn.close()
@@ -262,7 +280,7 @@ def test_shared_layers_are_copied_once(seeded, synced):
     assert sum(s["blobs_mounted"] for s in stats) >= 4  # the shared base layers, mounted into API and CLI
     assert all(s["blobs_skipped"] == 0 for s in stats)
     assert [s["tags_copied"] for s in stats] == [len(seeded[r]) for r in REPOS]
-    # manifests: WEB has v1, v2 (= latest), the index and its 2 children
+    # manifests: WEB has v1, v2 (= latest), the index and its 2 children (one also tagged)
     assert stats[0]["manifests"] == 5
 
 
@@ -281,14 +299,17 @@ def test_resync_reflects_new_and_deleted_tags(registries, seeded, synced):
     new = push_image(src, WEB, "v3", rng, layers=1)  # a new tag with one new layer
     assert src.delete_tag(API, "v1")  # a tag deleted at the source
     assert src.delete_tag(WEB, "latest")  # an alias deleted: v2 (same digest) must survive
+    assert src.delete_tag(WEB, "multi-amd64")  # a tag on an index child: the index must stay whole
     assert sorted(src.tags(WEB)) == ["multi", "v1", "v2", "v3"]
+    assert verify_repository(src, src, WEB) == []
     s_web = sync_repository(src, dst, WEB)
     s_api = sync_repository(src, dst, API)
-    assert s_web["tags_copied"] == 1 and s_web["tags_deleted"] == 1
+    assert s_web["tags_copied"] == 1 and s_web["tags_deleted"] == 2
     assert s_web["blobs_copied"] == 2 and s_web["manifests"] == 1  # new layer + new config; base layers skipped
     assert s_api["tags_deleted"] == 1 and s_api["blobs_copied"] == 0
     assert dst.head_manifest(WEB, "v3").digest == new
     assert sorted(dst.tags(WEB)) == ["multi", "v1", "v2", "v3"]
+    assert dst.get_manifest(WEB, seeded[WEB]["multi-amd64"])[2] == seeded[WEB]["multi-amd64"]  # untagged, kept
     assert dst.head_manifest(WEB, "v2").digest == seeded[WEB]["v2"]
     assert sorted(dst.tags(API)) == ["v2", "v3"]
     assert verify_repository(src, dst, WEB) == [] and verify_repository(src, dst, API) == []
@@ -315,6 +336,14 @@ def test_large_blobs_stream_in_patch_chunks(registries):
         assert "sha256:" + hashlib.sha256(b"".join(dst.get_blob("acme/big", d))).hexdigest() == d
 
 
+def test_put_blob_refuses_content_that_does_not_match_its_digest(registries):
+    dst = RegistryClient(registries["third"].url)
+    wrong = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(reg.DigestMismatch):
+        dst.put_blob("acme/refused", wrong, [b"some ", b"content"], 12)
+    assert not dst.head_blob("acme/refused", wrong)
+
+
 def test_sync_retries_a_target_that_fails_for_a_while(registries, seeded, synced):
     src = synced["src"]
     third = registries["third"]
@@ -325,6 +354,16 @@ def test_sync_retries_a_target_that_fails_for_a_while(registries, seeded, synced
     assert all(s["tags_copied"] == s["tags"] for s in stats)
     direct = RegistryClient(third.url)
     assert verify_repository(src, direct, WEB) == [] and verify_repository(src, direct, API) == []
+
+
+def test_a_download_cut_off_midway_resumes_with_a_range_request(registries, seeded, synced):
+    with FlakyProxy(registries["source"].port, cut_blob_downloads=3) as proxy:
+        src = RegistryClient(proxy.url, retries=3, backoff=0.002)
+        dst = RegistryClient(registries["third"].url)
+        s = sync_repository(src, dst, CLI, "resumed/cli", workers=1)
+        assert proxy.cut == 3 and proxy.resumed == 3  # each cut download continued where it stopped
+    assert s["blobs_copied"] > 3 and s["tags_copied"] == len(seeded[CLI])
+    assert verify_repository(synced["src"], dst, CLI, "resumed/cli") == []
 
 
 def test_a_target_that_keeps_failing_raises_a_clear_error(registries, seeded, synced):

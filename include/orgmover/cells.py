@@ -40,6 +40,7 @@ class Cell:
     db_key_base: str | None = field(default=None, repr=False)
     id: int | None = None
     sequence_range: tuple[int, int] | None = None
+    storage: object = None  # orgmover.storage.CellStorage: Git storages, object stores, registry
 
     def connect(self, **kw) -> psycopg.Connection:
         """A connection with the session settings every mover query relies on (UTC, ISO dates).

@@ -72,10 +72,12 @@ def run_move(ctx, org: int, source: str, target: str, run_id: str = "cli", befor
         for t in tables:
             mover.copy_table(ctx, mid, t)
         mover.precopy_done(ctx, mid)
+        mover.replicate(ctx, mid)
         if before_window:
             before_window(mid)
         mover.maintenance_on(ctx, mid)
         mover.sync_all(ctx, mid)
+        mover.replicate_final(ctx, mid)
         mover.validate_all(ctx, mid)
         mover.go_no_go(ctx, mid)
         mover.switchover(ctx, mid)

@@ -63,6 +63,9 @@ class DevEnv:
             "cells": [{"name": CELL_NAMES[i], "id": i, "port": free_port(),
                        "db_key_base": pysecrets.token_hex(32)} for i in range(ncells)],
             "topology": {"port": free_port(), "token": pysecrets.token_urlsafe(24), "pid": None},
+            "s3": {"port": free_port()},
+            "gcs": {"port": free_port()},
+            "registries": {CELL_NAMES[i]: free_port() for i in range(ncells)},
         }
 
     def cluster(self, name: str, port: int) -> PgCluster:
@@ -78,12 +81,26 @@ class DevEnv:
     def topology_url(self, state: dict) -> str:
         return f"http://127.0.0.1:{state['topology']['port']}"
 
+    def cell_storage(self, state: dict, name: str):
+        """The cell's storage: Git storages named like its shards, one bucket per object type on the local
+        S3 server (cell-1 keeps its artifacts on the GCS emulator: S3 -> GCS moves are exercised), its registry."""
+        from orgmover.storage import OBJECT_TYPES, CellStorage
+
+        if "s3" not in state:
+            return CellStorage()
+        stores = {t: {"kind": "s3", "endpoint": f"http://127.0.0.1:{state['s3']['port']}", "bucket": f"{name}-{t}"}
+                  for t in OBJECT_TYPES}
+        if name == "cell-1":
+            stores["artifacts"] = {"kind": "gcs", "endpoint": f"http://127.0.0.1:{state['gcs']['port']}", "bucket": f"{name}-artifacts"}
+        return CellStorage({s: str(self.home / "git" / name / s) for s in gitlab.SHARDS}, stores,
+                           f"http://127.0.0.1:{state['registries'][name]}")
+
     def resolve_cell(self, name: str) -> Cell:
         state = self.load()
         for c in state["cells"]:
             if c["name"] == name:
                 return Cell(name=name, dsn=self.cell_uri(c), db_key_base=c["db_key_base"], id=c["id"],
-                            sequence_range=gitlab.sequence_range(c["id"]))
+                            sequence_range=gitlab.sequence_range(c["id"]), storage=self.cell_storage(state, name))
         raise ConfigError(f"unknown cell {name!r}: the local environment has {', '.join(c['name'] for c in state['cells'])}")
 
     def topology(self):
@@ -117,6 +134,7 @@ class DevEnv:
             pg.create_database(CELL_DB)
             gitlab.install_schema(self.cell_uri(c), c["id"], c["name"])
             log(f"cell {c['name']} (id {c['id']}): PostgreSQL 18 at {self.cell_uri(c)}")
+        self._start_storage(state, log)
         self._start_topology(state)
         topo = self.topology()
         for c in state["cells"]:
@@ -129,6 +147,25 @@ class DevEnv:
         log(f"topology service at {self.topology_url(state)}; mover state at {self.control_uri(state, 'orgmover')}")
         log(f"Airflow connections: source {self.home / 'airflow.env'}")
         return self.status()
+
+    def _start_storage(self, state: dict, log=print) -> None:
+        """Per cell: Git storage directories, object buckets (one local S3 server, one GCS emulator), an OCI registry."""
+        if "s3" not in state:
+            return
+        from orgmover.objects import LocalGCS, LocalS3
+        from orgmover.registry import LocalRegistry
+
+        LocalS3(self.home / "s3", state["s3"]["port"]).start()
+        LocalGCS(self.home / "gcs", state["gcs"]["port"]).start()
+        for c in state["cells"]:
+            LocalRegistry(self.home / "registry" / c["name"], state["registries"][c["name"]]).start()
+            st = self.cell_storage(state, c["name"])
+            for root in st.git_storages.values():
+                Path(root).mkdir(parents=True, exist_ok=True)
+            for t in st.object_stores:
+                st.store(t).ensure_bucket()
+        log(f"storage: Git storages under {self.home / 'git'}, S3 :{state['s3']['port']}, GCS :{state['gcs']['port']}, "
+            f"registries " + ", ".join(f"{n} :{p}" for n, p in state["registries"].items()))
 
     def _start_topology(self, state: dict) -> None:
         t = state["topology"]
@@ -175,6 +212,14 @@ class DevEnv:
             log(f"topology service (pid {pid}) stopped")
         state["topology"]["pid"] = None
         self._save(state)
+        if "s3" in state:
+            from orgmover.objects import LocalGCS, LocalS3
+            from orgmover.registry import LocalRegistry
+
+            for srv in [LocalS3(self.home / "s3", state["s3"]["port"]), LocalGCS(self.home / "gcs", state["gcs"]["port"])] + \
+                    [LocalRegistry(self.home / "registry" / n, p) for n, p in state["registries"].items()]:
+                srv.stop()
+            log("object storage and registries stopped")
         for name, port in [("control", state["control"]["port"])] + [(c["name"], c["port"]) for c in state["cells"]]:
             pg = self.cluster(name, port)
             if destroy:
@@ -183,6 +228,10 @@ class DevEnv:
                 pg.stop()
             log(f"postgres {name} stopped" + (" and removed" if destroy else ""))
         if destroy:
+            import shutil
+
+            for d in ("git", "s3", "gcs", "registry"):
+                shutil.rmtree(self.home / d, ignore_errors=True)
             self.state_file.unlink(missing_ok=True)
 
     def status(self) -> dict:
@@ -212,7 +261,8 @@ class DevEnv:
 
         for c in state["cells"]:
             put(conn_id_for(c["name"]), {"conn_type": "postgres", "host": "127.0.0.1", "port": c["port"],
-                                         "login": "postgres", "schema": CELL_DB})
+                                         "login": "postgres", "schema": CELL_DB,
+                                         "extra": {"storage": self.cell_storage(state, c["name"]).to_dict()}})
             put(key_conn_id_for(c["name"]), {"conn_type": "generic", "password": c["db_key_base"]})
         put("orgmover_topology", {"conn_type": "http", "host": "127.0.0.1", "port": state["topology"]["port"],
                                   "schema": "http", "password": state["topology"]["token"]})

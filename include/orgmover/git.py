@@ -219,12 +219,16 @@ def _for_each_ref(repo: Path, timeout: float | None = 600) -> dict[str, str]:
 
 def _for_each_ref_both(a: Path, b: Path, timeout: float | None = 600) -> tuple[dict[str, str], dict[str, str]]:
     """The refs of two repositories, listed by two concurrent git processes."""
-    pa, pb = _start(a, *_FOR_EACH_REF), _start(b, *_FOR_EACH_REF)
-    try:
-        ra = _finish(pa, a, _FOR_EACH_REF, timeout=timeout, what="listing refs")
-    finally:
-        rb = _finish(pb, b, _FOR_EACH_REF, timeout=timeout, what="listing refs")
-    return _parse_refs(ra.stdout), _parse_refs(rb.stdout)
+    procs = [(_start(a, *_FOR_EACH_REF), a), (_start(b, *_FOR_EACH_REF), b)]
+    results, error = [], None
+    for p, repo in procs:  # reap both, report the first failure
+        try:
+            results.append(_parse_refs(_finish(p, repo, _FOR_EACH_REF, timeout=timeout, what="listing refs").stdout))
+        except GitError as e:
+            error = error or e
+    if error is not None:
+        raise error
+    return results[0], results[1]
 
 
 def _count_refs_files(repo: Path) -> int:
@@ -358,6 +362,7 @@ def _locked(path: Path, deadline: _Deadline) -> Iterator[None]:
     """Exclusive ``flock`` on the directory ``path`` (created if missing); works across threads and processes."""
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    pause = 0.001
     try:
         while True:
             try:
@@ -367,7 +372,8 @@ def _locked(path: Path, deadline: _Deadline) -> Iterator[None]:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
                 deadline.left(f"waiting for another sync of {path}")
-                time.sleep(0.02)
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -398,7 +404,8 @@ def _same_path(a: Path, b: Path) -> bool:
 
 
 def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | None = None,
-                    dst_pool: Path | str | None = None, timeout: float = 600, local_clone: bool = True) -> dict:
+                    dst_pool: Path | str | None = None, timeout: float = 600, local_clone: bool = True,
+                    sync_pool: bool = True) -> dict:
     """Replicate repository ``src`` into ``dst`` (bare; created when missing). Incremental and idempotent.
 
     All refs are copied (forced updates applied), refs missing on the source are deleted on the target,
@@ -414,7 +421,9 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
     target is made with ``git clone --mirror --local`` (object files copied, or hard-linked on the same file
     system; a pool member's clone is re-pointed at ``dst_pool`` and checked with git's connectivity check,
     falling back to init + fetch). ``local_clone=False`` makes fresh copies go through the pack protocol
-    (``clone --no-local`` / fetch), like a copy between hosts.
+    (``clone --no-local``, with ``--reference <dst_pool>`` for pool members), like a copy between hosts.
+    ``sync_pool=False`` skips the pool's sync, for a caller that has just synced the pool itself (one pool
+    sync for all its members, instead of one no-op check per member).
 
     Returns ``{"created", "updated", "deleted"}`` (refs; HEAD counts as updated when its target changed),
     ``"bytes"`` (size of the object files written, approximate), ``"new_repository"``, ``"method"``
@@ -442,6 +451,10 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
         if borrowed is not None and not _same_path(borrowed, src_pool):
             raise GitError(f"cannot sync {src}: it borrows objects from {borrowed}, not from src_pool={src_pool}; "
                            f"target {dst} was left unchanged")
+        if not sync_pool and not is_repository(dst_pool):
+            raise GitError(f"cannot sync {src}: sync_pool=False but the target pool {dst_pool} does not exist; "
+                           f"target {dst} was left unchanged")
+    if src_pool is not None and sync_pool:
         pool_result = sync_repository(src_pool, dst_pool, timeout=deadline.left(f"syncing pool {src_pool}"),
                                       local_clone=local_clone)
 
@@ -451,27 +464,24 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
         if not exists and any(dst.iterdir()):
             raise GitError(f"cannot sync into {dst}: the directory exists, is not empty and is not a git repository; "
                            f"it was left unchanged")
+        if exists and dst_pool is not None:
+            old_pool = alternates_of(dst)
+            if old_pool is not None and not _same_path(old_pool, dst_pool):
+                # borrowed from another pool: the new pool may lack what it borrowed; a replica, so copy it afresh
+                _empty_dir(dst)
+                exists = False
         result = {"created": 0, "updated": 0, "deleted": 0, "bytes": 0, "new_repository": not exists,
                   "method": "noop", "seconds": 0.0, "pool": pool_result}
 
-        if not exists and local_clone and (src_pool is not None or borrowed is None):
-            if _clone_fresh(src, dst, dst_pool, deadline):
-                result.update(created=_count_refs_files(dst), method="clone", bytes=_objects_size(dst))
-                if _read_head(dst) != src_head:
-                    _copy_head(dst, src_head, deadline)
-                result["seconds"] = time.monotonic() - t0
-                return result
+        if not exists and _clone_fresh(src, dst, dst_pool, local_clone and (dst_pool is not None or borrowed is None),
+                                        deadline):
+            result.update(created=_count_refs_files(dst), method="clone", bytes=_objects_size(dst))
+            if _read_head(dst) != src_head:
+                _copy_head(dst, src_head, deadline)
+            result["seconds"] = time.monotonic() - t0
+            return result
 
-        if not exists:
-            if not local_clone and src_pool is None and borrowed is None:
-                # a fresh copy through the pack protocol, like a copy between hosts
-                _git(None, "clone", "--mirror", "--quiet", "--no-local", "--", str(src), str(dst),
-                     timeout=deadline.left(f"cloning {src}"), what=f"cloning {src}")
-                result.update(created=_count_refs_files(dst), method="clone", bytes=_objects_size(dst))
-                if _read_head(dst) != src_head:
-                    _copy_head(dst, src_head, deadline)
-                result["seconds"] = time.monotonic() - t0
-                return result
+        if not exists:  # only when a fresh clone's check failed; dst is empty again
             branch = src_head[5:].removeprefix("refs/heads/") if src_head and src_head.startswith("ref: ") else "main"
             _git(None, "init", "--bare", "--quiet", f"--initial-branch={branch}", str(dst),
                  timeout=deadline.left(f"creating {dst}"), what="creating the target repository")
@@ -505,15 +515,31 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
         return result
 
 
-def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, deadline: _Deadline) -> bool:
-    """A fresh target made by git's local clone: the source's own object files are copied (hard-linked on the
-    same file system; they are immutable). For a pool member the clone's alternates (git copies the SOURCE's)
-    are then pointed at the target pool and the objects the member needs beyond what the target pool's refs
-    reach are checked (git's own connectivity check, over the member's own history only). False (and ``dst``
-    emptied) when that check fails, e.g. the source relied on objects its pool holds but does not reference:
-    the caller then fetches instead."""
-    _git(None, "clone", "--mirror", "--quiet", "--local", "--", str(src), str(dst),
-         timeout=deadline.left(f"cloning {src}"), what=f"cloning {src}")
+def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, local: bool, deadline: _Deadline) -> bool:
+    """Make the fresh target ``dst`` with one ``git clone --mirror``. True when done; False (``dst`` empty again)
+    when the caller must init + fetch instead.
+
+    ``local``: git's local clone copies the source's own object files (hard-linked on the same file system;
+    they are immutable). A pool member's clone (git copies the SOURCE's alternates) is then pointed at the
+    target pool and checked with git's connectivity check over the member's own history
+    (``rev-list --objects --all --not --alternate-refs``); it fails when the source relied on objects its pool
+    holds but does not reference, and then the caller fetches. Not ``local``: ``clone --no-local`` through the
+    pack protocol, with ``--reference <dst_pool>`` for a pool member so the pool's objects are not sent.
+    """
+    what = f"cloning {src}"
+    if local:
+        _git(None, "clone", "--mirror", "--quiet", "--local", "--", str(src), str(dst),
+             timeout=deadline.left(what), what=what)
+    elif dst_pool is not None:
+        _git(None, "clone", "--mirror", "--quiet", "--no-local", "--reference", str(dst_pool), "--", str(src),
+             str(dst), timeout=deadline.left(what), what=what)
+        _set_alternates(dst, dst_pool)  # relative, like Gitaly (clone wrote an absolute path)
+        _drop_origin(dst, deadline)
+        return True
+    else:
+        _git(None, "clone", "--mirror", "--quiet", "--no-local", "--", str(src), str(dst),
+             timeout=deadline.left(what), what=what)
+    _drop_origin(dst, deadline)
     if dst_pool is None:
         return True
     _set_alternates(dst, dst_pool)
@@ -524,9 +550,23 @@ def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, deadline: _Deadlin
     except GitError as e:
         if "timed out" in str(e):
             raise
-        for child in list(dst.iterdir()):
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        _empty_dir(dst)
         return False
+
+
+def _drop_origin(dst: Path, deadline: _Deadline) -> None:
+    """Forget the remote ``origin`` (the source's path) that ``clone --mirror`` wrote into the target's config.
+    Not ``git remote remove``: with the mirror refspec it would delete every ref."""
+    _git(dst, "config", "--remove-section", "remote.origin", ok=(0, 128), timeout=deadline.left(f"configuring {dst}"),
+         what="removing the clone's remote")
+
+
+def _empty_dir(path: Path) -> None:
+    for child in list(path.iterdir()):
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _copy_head(dst: Path, src_head: str | None, deadline: _Deadline) -> None:

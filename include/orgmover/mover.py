@@ -600,6 +600,11 @@ def go_no_go(ctx: MoveContext, mid: int) -> Path:
     pending = [t["table_name"] for t in tables if t["validated_in_window"] != m["maintenance_window"]]
     failed = [t for t in tables if t["validation_state"] == "failed"]
     text = report.validation_report(m, tables)
+    repl_done, repl_report, repl_status = replication_state(ctx, mid)
+    if repl_status:
+        text += "\nNon-database data (synced / verified / total):\n" + "\n".join(
+            f"  {k:<22} {v['synced']:>6} / {v['verified']:>6} / {v['total']:>6}  ({v['bytes']:,} bytes)"
+            for k, v in repl_status.items()) + "\n" + ("" if repl_done else repl_report + "\n")
     ctx.reports_dir.mkdir(parents=True, exist_ok=True)
     path = ctx.reports_dir / f"migration-{mid}-validation.txt"
     path.write_text(text)
@@ -609,6 +614,8 @@ def go_no_go(ctx: MoveContext, mid: int) -> Path:
     ctx.log(text)
     if pending:
         raise ValidationFailed(f"tables not validated: {', '.join(pending)} (report: {path})")
+    if repl_status and not repl_done:
+        raise ValidationFailed(f"repositories, objects or images are not all synced and verified (report: {path})")
     if failed:
         raise ValidationFailed(f"{len(failed)} tables differ between cells: "
                                f"{', '.join(t['table_name'] for t in failed)}; route not switched (report: {path})")
@@ -745,3 +752,61 @@ def cleanup_source(ctx: MoveContext, mid: int, retention_seconds: float, now: da
         c.execute("UPDATE orgmover.migrations SET source_cleaned_at = now() WHERE id = %s", (mid,))
     ctx.tracking.event(mid, "info", f"source {m['source_cell']} cleaned: {sum(counts.values())} rows deleted")
     return counts
+
+
+# ------------------------------------------------------------------------------------------ non-database data
+def _replication(ctx: MoveContext, mid: int):
+    from orgmover.replication import Registry
+    from orgmover.storage import CellStorage
+
+    m = ctx.tracking.get(mid)
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    src_st = src_cell.storage or CellStorage()
+    dst_st = dst_cell.storage or CellStorage()
+    return m, Registry(ctx.tracking, mid), src_cell, src_st, dst_st
+
+
+def replicate(ctx: MoveContext, mid: int, max_passes: int = 5, in_window: bool = False) -> dict:
+    """Register the org's repositories, objects and images in the replication registry, sync and verify
+    them; re-scan the source and repeat until a scan finds nothing new or changed (converged)."""
+    from orgmover.storage import handlers
+
+    m, reg, src_cell, src_st, dst_st = _replication(ctx, mid)
+    if in_window:
+        _require_maintenance(ctx, m)
+    plan = load_plan(ctx, mid)
+    with src_cell.connect() as src:
+        hs = handlers(src, plan, src_st, dst_st)
+        if not hs:
+            ctx.log("no Git storage, object storage or registry configured for the source cell: nothing to replicate")
+            return {}
+        for n in range(1, max_passes + 1):
+            found = {"new": 0, "changed": 0}
+            for h in hs:
+                r = reg.register(h.scan())
+                found = {k: found[k] + r[k] for k in found}
+            for h in hs:
+                reg.run(h, equal=getattr(h, "equal", None), logger=ctx.log)
+            ctx.log(f"replication pass {n}: {found['new']} new, {found['changed']} changed on the source")
+            if n > 1 and not found["new"] and not found["changed"]:
+                break
+    status = reg.status()
+    ctx.log("replication: " + "; ".join(f"{k} {v['synced']}/{v['total']} synced, {v['verified']} verified"
+                                        for k, v in status.items()))
+    return status
+
+
+def replication_state(ctx: MoveContext, mid: int) -> tuple[bool, str, dict]:
+    """(everything synced and verified, readable report of what is not, status per data type)."""
+    _, reg, *_ = _replication(ctx, mid)
+    return reg.complete(), reg.stuck_report(), reg.status()
+
+
+def replicate_final(ctx: MoveContext, mid: int) -> dict:
+    """In the write window: a last pass catches changes made since; anything not synced and verified
+    then fails the move before the switch."""
+    status = replicate(ctx, mid, max_passes=2, in_window=True)
+    done, report_text, _ = replication_state(ctx, mid)
+    if not done:
+        raise ValidationFailed("repositories, objects or images are not all synced and verified:\n" + report_text)
+    return status

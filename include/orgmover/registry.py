@@ -304,10 +304,12 @@ class RegistryClient:
     The client is safe to use from several threads.
 
     ``blob_locations`` remembers, for this registry, one repository known to hold each blob (seen
-    by HEAD or pushed by this client): the source of cross-repository mounts."""
+    by HEAD or pushed by this client): the source of cross-repository mounts. ``headers`` are sent
+    with every request (e.g. a static ``Authorization``); the token challenge of an authenticating
+    registry is not implemented."""
 
     def __init__(self, base_url: str, timeout: float = 30, retries: int = 5, backoff: float = 0.5, *,
-                 chunk_size: int = 8 * 1024 * 1024, max_connections: int = 32):
+                 chunk_size: int = 8 * 1024 * 1024, max_connections: int = 32, headers: dict | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.retries = int(retries)
@@ -315,7 +317,7 @@ class RegistryClient:
         self.chunk_size = int(chunk_size)
         self.blob_locations: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout,
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers,
                                   limits=httpx.Limits(max_connections=max_connections,
                                                       max_keepalive_connections=max_connections))
         self.requests = 0  # requests sent, retries included (for benches and tests)
@@ -511,8 +513,10 @@ class RegistryClient:
 
         Registries implementing OCI distribution 1.1 delete a tag with ``DELETE .../manifests/<tag>``.
         The distribution 2.x registry does not; then the manifest is deleted by digest (which drops
-        all its tags) and put back under the other tags that pointed at it (``siblings`` when the
-        caller knows them, else found by a HEAD of every tag). Blobs are not touched."""
+        all its tags), put back by digest (untagged: an index listing it stays whole, exactly as
+        after a real tag deletion) and tagged again with the other tags that pointed at it
+        (``siblings`` when the caller knows them, else found by a HEAD of every tag). Blobs are not
+        touched. In that fallback the other tags are briefly absent."""
         cur = self.head_manifest(repo, tag)
         if cur is None:
             return False
@@ -526,6 +530,7 @@ class RegistryClient:
         siblings = [t for t in siblings if t != tag]
         media_type, body, _ = self.get_manifest(repo, cur.digest)
         self.delete_manifest(repo, cur.digest)
+        self.put_manifest(repo, cur.digest, media_type, body)
         for t in siblings:
             self.put_manifest(repo, t, media_type, body)
         return True
@@ -543,8 +548,10 @@ class RegistryClient:
         self._remember(digest, repo)
         return True
 
-    def get_blob(self, repo: str, digest: str, *, chunk_size: int = 1024 * 1024, verify: bool = True) -> Iterator[bytes]:
-        """Stream a blob in chunks. A connection lost mid-way is resumed with a Range request;
+    def get_blob(self, repo: str, digest: str, *, chunk_size: int | None = None,
+                 verify: bool = True) -> Iterator[bytes]:
+        """Stream a blob in chunks (as they arrive, or of ``chunk_size`` bytes). A connection lost
+        mid-way is resumed with a Range request from the last byte received;
         with ``verify`` the content is checked against ``digest`` at the end (:class:`DigestMismatch`)."""
         url = self._url(f"/v2/{repo}/blobs/{digest}")
         h = _hasher(digest) if verify else None
@@ -731,13 +738,11 @@ def sync_repository(src: RegistryClient, dst: RegistryClient, src_repo: str, dst
                     raise RegistryError(f"{src_repo}@{digest}: indexes nested too deeply")
                 for child in _children(media_type, body):
                     d = child["digest"]
-                    if d in children or d in tops:
-                        continue
-                    c_present = dst.head_manifest(dst_repo, d) is not None
+                    if d in children or d in tops or dst.head_manifest(dst_repo, d) is not None:
+                        continue  # already planned, or on the target (with its blobs)
                     c_type, c_body, _ = src.get_manifest(src_repo, d)
-                    visit(d, c_type, c_body, c_present, level + 1)
-                    if not c_present:
-                        children[d] = (c_type, c_body)
+                    visit(d, c_type, c_body, False, level + 1)
+                    children[d] = (c_type, c_body)  # post-order: an index after its own children
             else:
                 for desc in _blobs(media_type, body):
                     blobs.setdefault(desc["digest"], int(desc.get("size", -1)))
@@ -781,20 +786,35 @@ def sync_repository(src: RegistryClient, dst: RegistryClient, src_repo: str, dst
             digest, (media_type, body) = item
             dst.put_manifest(dst_repo, digest, media_type, body)
 
-        ordered_children = list(children.items())
-        # nested indexes: an index child must come after its own children -> put images first
-        ordered_children.sort(key=lambda kv: kv[1][0] in INDEX_MEDIA_TYPES)
-        list(pool.map(put_digest, ordered_children))
-        new_tops = [(d, v) for d, v in tops.items() if d not in tops_present]
-        list(pool.map(put_digest, new_tops))
-        stats["manifests"] = len(ordered_children) + len(new_tops)
+        # the registry accepts an index only once it holds the manifests it lists: image manifests
+        # first (in parallel), then the indexes, each after the indexes it lists
+        pending = dict(children)
+        pending.update((d, v) for d, v in tops.items() if d not in tops_present)
+        list(pool.map(put_digest, [(d, v) for d, v in pending.items() if v[0] not in INDEX_MEDIA_TYPES]))
+        indexes = {d: v for d, v in pending.items() if v[0] in INDEX_MEDIA_TYPES}
+        while indexes:
+            ready = [d for d, (mt, body) in indexes.items()
+                     if not any(c["digest"] in indexes for c in _children(mt, body))]
+            if not ready:
+                raise RegistryError(f"{src_repo}: indexes that list each other: {sorted(indexes)}")
+            for d in ready:
+                put_digest((d, indexes.pop(d)))
+        stats["manifests"] = len(pending)
 
-        def put_tag(item: tuple[str, str]) -> None:
-            tag, digest = item
+        # Tags: the distribution registry's filesystem storage rewrites a manifest's link file on
+        # every PUT (truncate + write), and a PUT of an index reads its children's link files. So the
+        # tags of one digest are written one after the other, and index tags after all image tags.
+        by_digest: dict[str, list[str]] = {}
+        for tag, digest in todo:
+            by_digest.setdefault(digest, []).append(tag)
+
+        def put_tags(digest: str) -> None:
             media_type, body = tops[digest]
-            dst.put_manifest(dst_repo, tag, media_type, body)
+            for tag in by_digest[digest]:
+                dst.put_manifest(dst_repo, tag, media_type, body)
 
-        list(pool.map(put_tag, todo))
+        list(pool.map(put_tags, [d for d in by_digest if tops[d][0] not in INDEX_MEDIA_TYPES]))
+        list(pool.map(put_tags, [d for d in by_digest if tops[d][0] in INDEX_MEDIA_TYPES]))
         stats["tags_copied"] = len(todo)
 
     # 5. tags gone at the source

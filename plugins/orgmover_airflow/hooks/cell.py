@@ -48,7 +48,11 @@ class CellHook(BaseHook):
             return None
 
     def get_cell(self) -> Cell:
-        return Cell(name=self.cell or self.cell_conn_id, dsn=self._dsn(), db_key_base=self._key())
+        from orgmover.storage import CellStorage
+
+        extra = self.get_connection(self.cell_conn_id).extra_dejson or {}
+        return Cell(name=self.cell or self.cell_conn_id, dsn=self._dsn(), db_key_base=self._key(),
+                    storage=CellStorage.from_dict(extra.get("storage")))
 
     def get_conn(self) -> psycopg.Connection:
         return self.get_cell().connect()
