@@ -19,8 +19,9 @@ from airflow.sdk import DAG, Param, TaskGroup, TriggerRule
 
 from orgmover_airflow.operators import (CopyTableOperator, GoNoGoOperator, MaintenanceOnOperator, PlanOperator,
                                         PrecopyDoneOperator, PreflightOperator, PrepareTargetOperator,
-                                        ReleaseOperator, SummaryOperator, SwitchoverOperator, SyncAllOperator,
-                                        ValidateAllOperator)
+                                        ReleaseOperator, ReplicateFinalOperator, ReplicateOperator, SummaryOperator,
+                                        SwitchoverOperator, SyncAllOperator, ValidateAllOperator)
+from orgmover_airflow.sensors import ReplicationSensor
 
 MID = "{{ ti.xcom_pull(task_ids='preflight.check') }}"
 CELL = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[a-z0-9][a-z0-9_-]*$"}
@@ -77,6 +78,13 @@ with DAG(
         precopied = PrecopyDoneOperator(task_id="precopy_done", migration_id=MID)
         prepare >> copies >> precopied
 
+    with TaskGroup("replicate", tooltip="repositories, objects, images: Geo-like registry, synced and verified") as g_repl:
+        replicate = ReplicateOperator(task_id="sync_until_converged", migration_id=MID)
+        replicated = ReplicationSensor(task_id="wait_synced_and_verified", migration_id=MID,
+                                       max_wait_seconds=int(os.environ.get("ORGMOVER_REPLICATION_WAIT", "3600")),
+                                       poke_interval=int(os.environ.get("ORGMOVER_REPLICATION_POKE", "15")))
+        replicate >> replicated
+
     with TaskGroup("quiesce", tooltip="maintenance on: writes blocked") as g_quiesce:
         maintenance = MaintenanceOnOperator(task_id="maintenance_on", migration_id=MID)
 
@@ -84,6 +92,8 @@ with DAG(
     # task parallelises inside and logs per table
     with TaskGroup("sync", tooltip="in the write window: only what changed since the pre-copy") as g_sync:
         sync = SyncAllOperator(task_id="sync_changes", migration_id=MID)
+        storage_final = ReplicateFinalOperator(task_id="storage_final_pass", migration_id=MID)
+        sync >> storage_final
 
     with TaskGroup("validate", tooltip="counts and checksums on both cells") as g_validate:
         validate = ValidateAllOperator(task_id="checksums", migration_id=MID)
@@ -109,6 +119,8 @@ with DAG(
     release = ReleaseOperator(task_id="release", migration_id=MID, retries=3).as_teardown(setups=maintenance)
 
     is_move >> plan >> prepare
-    precopied >> maintenance >> sync >> validate
+    precopied >> replicate
+    replicated >> maintenance >> sync
+    storage_final >> validate
     go >> gate
     summary >> release

@@ -25,6 +25,7 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "False"
 os.environ["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "WARNING"
 os.environ["ORGMOVER_TASK_RETRIES"] = "0"  # failures are asserted, not retried
+os.environ["ORGMOVER_REPLICATION_POKE"] = "1"
 os.environ["ORGMOVER_REPORTS_DIR"] = str(_TMP / "reports")
 os.environ.setdefault("XDG_RUNTIME_DIR", str(_TMP / "run"))
 Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True)
@@ -67,6 +68,13 @@ def seeded(devenv):
     topo = devenv.topology()
     for o in orgs:
         topo.create_route(o.id, "legacy")
+    # their repositories, objects and images (not for the 60k-row org, which only the copy tests use)
+    import psycopg
+
+    from orgmover.storage import seed_storage
+
+    with psycopg.connect(cell.dsn) as c:
+        seed_storage(c, cell.storage, [o.id for o in orgs if o.path != "iota"], seed=7, max_object_bytes=4096)
     return {o.path: o for o in orgs}
 
 

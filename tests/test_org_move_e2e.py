@@ -6,7 +6,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from verify import check_move, snapshot
+from verify import check_move, check_storage, snapshot
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +35,10 @@ def test_move_org_with_the_dag(devenv, seeded, org_move_dag, ctx):
     assert problems == []
     route = devenv.topology().route(org.id)
     assert route["cell"] == "cell-1" and route["maintenance"] is False and route["maintenance_owner"] is None
+    storage_problems, counts = check_storage(devenv.resolve_cell("legacy"), devenv.resolve_cell("cell-1"), org.id)
+    assert storage_problems == [] and min(counts.values()) > 0, counts
+    states = _states(dr)
+    assert states["replicate.wait_synced_and_verified"] == "success" and states["sync.storage_final_pass"] == "success"
     m = ctx.tracking.latest_for_org(org.id)
     assert m["state"] == "completed" and m["validation"]["ok"] is True
     summary = (ctx.reports_dir / f"migration-{m['id']}-summary.txt").read_text()

@@ -361,7 +361,7 @@ class S3Store(ObjectStore):
         self.region = region
         cfg = Config(
             s3={"addressing_style": "path"},
-            retries={"max_attempts": max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},  # 1 = no retry inside botocore
             # Content-MD5 on every PUT/part instead of the newer default CRC trailers, which many
             # S3-compatible servers do not speak.
             request_checksum_calculation="when_required",

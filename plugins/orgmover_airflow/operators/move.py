@@ -245,3 +245,22 @@ class CleanupSourceOperator(OrgMoveBaseOperator):
     def run_phase(self, context: Any):
         counts = mover.cleanup_source(self.move_context(), self.mid, float(self.retention_hours) * 3600)
         return sum(counts.values())
+
+
+class ReplicateOperator(OrgMoveBaseOperator):
+    """Repositories, objects and images of the org: register, sync, verify, re-scan until converged."""
+
+    ui_color = "#fff8e1"
+
+    def run_phase(self, context: Any):
+        status = mover.replicate(self.move_context(), self.mid)
+        return {k: {"total": v["total"], "synced": v["synced"], "verified": v["verified"]} for k, v in status.items()}
+
+
+class ReplicateFinalOperator(OrgMoveBaseOperator):
+    """In the write window: a last pass; anything not synced and verified fails the move before the switch."""
+
+    ui_color = "#fde2e1"
+
+    def run_phase(self, context: Any):
+        mover.replicate_final(self.move_context(), self.mid)

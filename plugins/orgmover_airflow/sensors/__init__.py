@@ -1,0 +1,3 @@
+from orgmover_airflow.sensors.replication import ReplicationSensor
+
+__all__ = ["ReplicationSensor"]
