@@ -13,7 +13,9 @@ orgmover syncs like the DAG would schedule it: the pools first, then every repos
 Some repositories use object pools: every group of 8 projects has one pool source, two forks and five plain
 projects. sync_repository keeps the forks on the TARGET pool; `clone --mirror` of a fork points it at the
 SOURCE pool (its alternates are copied), so the peer does less work there than a real move needs.
-Each measure is the median of --rounds rounds (after a warm-up; who runs first alternates). At the end every target is checked against its source
+Each measure is the median of --rounds rounds (after a warm-up). Sequential copies are timed repository by
+repository, orgmover and the peer alternately first, so load from elsewhere on the machine hits both alike;
+parallel runs and re-syncs are timed as whole runs, who goes first alternating between rounds. At the end every target is checked against its source
 (refs, HEAD, Gitaly checksum, git fsck --connectivity-only on a sample).
 """
 
@@ -121,6 +123,28 @@ def mirror_clone_loop(repos, src_root: Path, dst_root: Path, workers: int = 1, n
             list(ex.map(one, pairs))
 
 
+def paired_sequential(repos, src_root: Path, ours_root: Path, peer_root: Path, local: bool = True,
+                      flip: bool = False) -> dict[str, dict[str, float]]:
+    """Sequential initial copy, orgmover and the peer timed repository by repository, alternately first, so a
+    load change on the machine hits both: {kind: {"ours": s, "peer": s}} for kinds plain, pool, member."""
+    pools = sorted({p for _, p, _ in repos if p is not None})
+    units = [("pool", p, None, str(p.relative_to(src_root))) for p in pools]
+    units += [("plain" if p is None else "member", r, p, rel) for r, p, rel in repos]
+    out = {k: {"ours": 0.0, "peer": 0.0} for k in ("plain", "pool", "member")}
+    for i, (kind, src, pool, rel) in enumerate(units):
+        def ours():
+            dp = ours_root / pool.relative_to(src_root) if pool is not None else None
+            sync_repository(src, ours_root / rel, src_pool=pool, dst_pool=dp, local_clone=local, sync_pool=False)
+
+        def peer():
+            (peer_root / rel).parent.mkdir(parents=True, exist_ok=True)
+            git(None, "clone", "--mirror", "--quiet", *([] if local else ["--no-local"]), str(src), str(peer_root / rel))
+
+        for name, fn in ((("ours", ours), ("peer", peer)) if (i % 2 == 0) != flip else (("peer", peer), ("ours", ours))):
+            out[kind][name] += timed(fn)[0]
+    return out
+
+
 def mirror_fetch_loop(repos, src_root: Path, dst_root: Path) -> None:
     pools = sorted({p for _, p, _ in repos if p is not None})
     for p in [dst_root / p.relative_to(src_root) for p in pools] + [dst_root / rel for _, _, rel in repos]:
@@ -186,6 +210,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
+    ap.add_argument("--raw", action="store_true", help="also print every round's timings")
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="orgmover-bench-git-", dir=a.dir))
@@ -203,6 +228,7 @@ def main() -> int:
                                       "inc", "inc_mirror", "inc_fetch", "inc_mirror_nolocal")}
         rng = random.Random(a.seed + 1)
         changed = ""
+        split: dict[tuple[str, str], list[tuple[float, float]]] = {}
         # warm-up (page cache, git's own start-up), not measured
         orgmover_sync(jobs_for(repos, src_root, work / "warm" / "t"))
         mirror_clone_loop(repos, src_root, work / "warm" / "m")
@@ -210,16 +236,18 @@ def main() -> int:
         for rnd in range(a.rounds):
             d = work / f"r{rnd}"
             t1, t2, t3, mm, mp, mn = (d / x for x in ("t1", "t2", "t3", "m1", "m2", "m3"))
-            # (measure, ours, peer); who goes first alternates between rounds
-            pairs = [(lambda: orgmover_sync(jobs_for(repos, src_root, t1)), "seq",
-                      lambda: mirror_clone_loop(repos, src_root, mm), "mirror"),
-                     (lambda: orgmover_sync(jobs_for(repos, src_root, t2), a.workers), "par",
-                      lambda: mirror_clone_loop(repos, src_root, mp, a.workers), "mirror_par"),
-                     (lambda: orgmover_sync(jobs_for(repos, src_root, t3), 1, False), "pack",
-                      lambda: mirror_clone_loop(repos, src_root, mn, 1, True), "mirror_nolocal")]
-            for ours, ok, peer, pk in pairs:
-                for fn, key in ([(ours, ok), (peer, pk)] if rnd % 2 == 0 else [(peer, pk), (ours, ok)]):
-                    m[key].append(timed(fn)[0])
+            # sequential: paired repository by repository; parallel: whole runs, who goes first alternates
+            for key, peer_key, target, peer_dir, local in (("seq", "mirror", t1, mm, True),
+                                                          ("pack", "mirror_nolocal", t3, mn, False)):
+                kinds = paired_sequential(repos, src_root, target, peer_dir, local, flip=rnd % 2 == 1)
+                m[key].append(sum(k["ours"] for k in kinds.values()))
+                m[peer_key].append(sum(k["peer"] for k in kinds.values()))
+                for kind, v in kinds.items():
+                    split.setdefault((key, kind), []).append((v["ours"], v["peer"]))
+            par = [(lambda: orgmover_sync(jobs_for(repos, src_root, t2), a.workers), "par"),
+                   (lambda: mirror_clone_loop(repos, src_root, mp, a.workers), "mirror_par")]
+            for fn, key in (par if rnd % 2 == 0 else par[::-1]):
+                m[key].append(timed(fn)[0])
             verify(repos, src_root, t2, fsck_sample=2)
             verify(repos, src_root, t3, fsck_sample=2)
             changed = push_changes(repos, rng, rnd)
@@ -237,11 +265,14 @@ def main() -> int:
             shutil.rmtree(d)
 
         med = {k: statistics.median(v) for k, v in m.items()}
+        if a.raw:
+            for k, v in m.items():
+                print(f"  {k:20s} " + " ".join(f"{x:.3f}" for x in v))
         n = len(repos)
         goal = "<= 1.00 (no slower than the peer)"
 
         def row(measure, ours, peer, peer_name):
-            r = med[ours] / med[peer]
+            r = round(med[ours] / med[peer], 2)
             return [measure, f"{med[ours]:.2f}s", f"{med[peer]:.2f}s {peer_name}", f"{r:.2f}",
                     goal + ("  ok" if r <= 1.0 else "  MISSED")]
 
@@ -258,6 +289,16 @@ def main() -> int:
                 "2nd clone --mirror --no-local loop"),
         ]
         print(table(["measure", "orgmover", "baseline (same run)", "ratio", "goal"], rows, "lrrrl"))
+        counts = {"plain": sum(p is None for _, p, _ in repos), "pool": npool, "member": npool + nfork}
+        parts = []
+        for key, label in (("seq", "local"), ("pack", "pack protocol")):
+            cells = []
+            for kind in ("plain", "pool", "member"):
+                ours = statistics.median(o for o, _ in split[(key, kind)])
+                peer = statistics.median(p for _, p in split[(key, kind)])
+                cells.append(f"{counts[kind]} {kind}: {ours:.2f}s vs {peer:.2f}s ({ours / peer:.2f})")
+            parts.append(f"  sequential initial copy ({label}), orgmover vs peer by kind: " + "; ".join(cells))
+        print("\n" + "\n".join(parts))
         print(f"\nmedian of {a.rounds} rounds; every round verified {verified} targets against their sources "
               f"(refs, HEAD, Gitaly checksum, fsck of pooled repos), and a second sync was a no-op.")
         print(f"pools: {npool} pools synced first; forks' alternates point at the target pool "

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from orgmover.errors import OrgMoverError
-from orgmover.git import (ZERO_CHECKSUM, GitError, GitStorage, alternates_of, checksums_equal, count_objects,
-                          create_fork, create_pool_from, fsck_connectivity, hashed_disk_path, list_refs,
+from orgmover.git import (ZERO_CHECKSUM, GitError, GitStorage, GitTimeout, alternates_of, checksums_equal,
+                          count_objects, create_fork, create_pool_from, fsck_connectivity, hashed_disk_path, list_refs,
                           repository_checksum, seed_repository, sync_repository)
 
 ENV = {**os.environ, "GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "T",
@@ -344,3 +344,33 @@ def test_concurrent_syncs_sharing_a_pool(tmp_path, pooled):
     for s, t in jobs:
         assert_same(s, t)
         fsck_connectivity(t)
+
+
+def test_drop_origin_edits_config_or_falls_back_to_git(tmp_path):
+    from orgmover.git import _Deadline, _drop_origin
+
+    repo = tmp_path / "r.git"
+    git(tmp_path, "init", "--bare", "-q", str(repo))
+    git(repo, "config", "core.logAllRefUpdates", "false")
+    base = (repo / "config").read_text()
+    variants = ['[remote "origin"]\n\turl = /x\n\tfetch = +refs/*:refs/*\n\tmirror = true\n',
+                '[remote "origin"] # odd\n\turl = /x\n[remote "other"]\n\turl = /y\n']
+    for extra in variants:
+        (repo / "config").write_text(base + extra + "[gc]\n\tauto = 0\n")
+        _drop_origin(repo, _Deadline(30))
+        remotes = subprocess.run(["git", "-C", str(repo), "config", "--get-regexp", r"^remote\."],
+                                 capture_output=True, text=True).stdout
+        assert "origin" not in remotes and git(repo, "config", "gc.auto") == "0"
+        assert git(repo, "config", "core.logAllRefUpdates") == "false" and not (repo / "config.lock").exists()
+    assert "remote.other.url /y" in remotes  # the fallback (git config --remove-section) kept the other remote
+
+
+def test_timeouts(tmp_path, seeded):
+    from orgmover.git import _git
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # git blocks opening it: nobody writes
+    with pytest.raises(GitTimeout, match=r"git hash-object timed out after 0.3s"):
+        _git(None, "hash-object", str(fifo), timeout=0.3)
+    with pytest.raises(GitTimeout, match="timed out"):
+        sync_repository(seeded, tmp_path / "dst.git", timeout=0)

@@ -270,7 +270,7 @@ def test_transient_server_errors_are_retried(servers, target):
         r = sync_objects(src, via, keys=[f"r/{i:02d}" for i in range(12)], retries=0, workers=1)
         # (google-cloud-storage may spend one of the 503s on its own background bucket lookup)
         assert 1 <= r["failed"] <= 3 and r["copied"] + r["failed"] == 12, r
-        assert all("503" in e and "ServiceUnavailable" in e for e in r["failures"].values()), r["failures"]
+        assert all("503" in e for e in r["failures"].values()), r["failures"]
     finally:
         proxy.close()
 

@@ -218,9 +218,15 @@ def test_storage_without_a_match_needs_a_mapping(devenv, seeded, ctx):
     src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
     with psycopg.connect(src_dsn) as c:  # one repository of the org lives on a storage cell-1 does not have
         shard = c.execute("INSERT INTO shards (name) VALUES ('nfs-legacy-01') RETURNING id").fetchone()[0]
-        repo = c.execute("UPDATE project_repositories SET shard_id = %s WHERE id = (SELECT min(r.id) FROM project_repositories r "
-                         "JOIN projects p ON p.id = r.project_id WHERE p.organization_id = %s) RETURNING project_id",
-                         (shard, org.id)).fetchone()[0]
+        repo, disk, old = c.execute(
+            "UPDATE project_repositories r SET shard_id = %s FROM shards s WHERE s.id = (SELECT shard_id FROM project_repositories "
+            "WHERE id = r.id) AND r.id = (SELECT min(r2.id) FROM project_repositories r2 JOIN projects p ON p.id = r2.project_id "
+            "WHERE p.organization_id = %s AND p.pool_repository_id IS NULL) RETURNING r.project_id, r.disk_path, s.name",
+            (shard, org.id)).fetchone()
+    new_root = devenv.add_git_storage("legacy", "nfs-legacy-01")  # and the repository really moves there
+    old_path = devenv.resolve_cell("legacy").storage.storage(old).repo(disk)
+    (new_root / disk).parent.mkdir(parents=True, exist_ok=True)
+    old_path.rename(new_root / f"{disk}.git")
     with pytest.raises(PreflightError, match="shards: name = nfs-legacy-01 is used by the organization on the source but "
                                              "has no match on the target cell; add it to the target or configure a mapping"):
         mover.preflight(ctx, org.id, "legacy", "cell-1", "mapping-test")

@@ -368,5 +368,5 @@ def test_preflight_compares_schema_versions_and_requires_lookup_rows(helpdesk):
             problems = run_checks(ctx, acc, "legacy", "cell-1").problems
         finally:
             c.execute("UPDATE priorities SET code = %s WHERE code = %s", (code, code + "-renamed"))
-    assert problems == [f"priorities: code = {code} exists on the source but not on the target cell (no mapping)"]
+    assert problems == [f"priorities: code = {code} is used by the organization on the source but has no match on the target cell; add it to the target or configure a mapping"]
     assert run_checks(ctx, acc, "legacy", "cell-1").problems == []

@@ -51,6 +51,17 @@ class DevEnv:
             raise ConfigError(f"no local cells under {self.home}: run `orgmover dev up` first")
         return json.loads(self.state_file.read_text())
 
+    def add_git_storage(self, cell: str, storage: str) -> Path:
+        """Declare one more Git storage for a cell (its root directory is created)."""
+        state = self.load()
+        extra = state.setdefault("extra_git_storages", {}).setdefault(cell, [])
+        if storage not in extra:
+            extra.append(storage)
+        self._save(state)
+        root = self.home / "git" / cell / storage
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
     def _save(self, state: dict) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
@@ -92,7 +103,8 @@ class DevEnv:
                   for t in OBJECT_TYPES}
         if name == "cell-1":
             stores["artifacts"] = {"kind": "gcs", "endpoint": f"http://127.0.0.1:{state['gcs']['port']}", "bucket": f"{name}-artifacts"}
-        return CellStorage({s: str(self.home / "git" / name / s) for s in gitlab.SHARDS}, stores,
+        names = list(gitlab.SHARDS) + list(state.get("extra_git_storages", {}).get(name, []))
+        return CellStorage({s: str(self.home / "git" / name / s) for s in names}, stores,
                            f"http://127.0.0.1:{state['registries'][name]}")
 
     def resolve_cell(self, name: str) -> Cell:

@@ -28,6 +28,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Iterator
 from orgmover.errors import OrgMoverError
 
 __all__ = [
-    "GitError", "GitStorage", "ZERO_CHECKSUM", "CHECKSUM_REF_PREFIXES", "hashed_disk_path", "sha256_hex",
+    "GitError", "GitTimeout", "GitStorage", "ZERO_CHECKSUM", "CHECKSUM_REF_PREFIXES", "hashed_disk_path", "sha256_hex",
     "repository_checksum", "checksums_equal", "list_refs", "alternates_of", "is_repository", "sync_repository",
     "seed_repository", "create_pool_from", "create_fork", "count_objects", "fsck_connectivity",
 ]
@@ -62,6 +63,10 @@ class GitError(OrgMoverError):
         self.stderr = stderr
         self.returncode = returncode
         super().__init__(message + (f"\ngit said: {stderr.strip()}" if stderr.strip() else ""))
+
+
+class GitTimeout(GitError):
+    """A git command or a whole sync ran out of its time budget (the git process was killed)."""
 
 
 # ----------------------------------------------------------------------------------------------- paths
@@ -124,7 +129,7 @@ class _Deadline:
     def left(self, what: str) -> float:
         left = self.end - time.monotonic()
         if left <= 0:
-            raise GitError(f"timed out after {self.timeout:g}s while {what}")
+            raise GitTimeout(f"timed out after {self.timeout:g}s while {what}")
         return left
 
 
@@ -142,13 +147,26 @@ def _start(repo: Path | None, *args: str, stdin: bool = False) -> subprocess.Pop
 
 def _finish(p: subprocess.Popen, repo: Path | None, args: tuple[str, ...], input: bytes | None = None,
             timeout: float | None = 600, ok: tuple[int, ...] = (0,), what: str = "") -> subprocess.CompletedProcess:
-    try:
-        out, err = p.communicate(input, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    # The timeout is a timer that kills git, not communicate(timeout=...): that one ends in a sleep-and-poll
+    # wait loop which adds milliseconds to every short git call.
+    killed = threading.Event()
+
+    def kill() -> None:
+        killed.set()
         p.kill()
-        _, err = p.communicate()
-        raise GitError(f"git {_sub(args)} timed out after {timeout:g}s{_on(repo)}{_what(what)}",
-                       stderr=(err or b"").decode(errors="replace")) from None
+
+    timer = threading.Timer(timeout, kill) if timeout is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        out, err = p.communicate(input)
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if killed.is_set():
+        raise GitTimeout(f"git {_sub(args)} timed out after {timeout:g}s{_on(repo)}{_what(what)}",
+                       stderr=(err or b"").decode(errors="replace"))
     if p.returncode not in ok:
         raise GitError(f"git {_sub(args)} failed with exit code {p.returncode}{_on(repo)}{_what(what)}",
                        stderr=err.decode(errors="replace"), returncode=p.returncode)
@@ -252,7 +270,8 @@ def list_refs(repo: Path | str) -> dict[str, str]:
     """Every ref of ``repo`` (``refs/...`` -> object id) plus ``"HEAD"`` -> HEAD as stored, i.e. its
     symbolic target ``"ref: refs/heads/main"`` (or an object id when HEAD is detached).
 
-    Two repositories with equal ``list_refs`` have the same refs, values and default branch.
+    Two repositories with equal ``list_refs`` have the same refs, values and default branch. Raises
+    :class:`GitError` when ``repo`` is not a repository.
     """
     repo = Path(repo)
     _require_repo(repo)
@@ -547,16 +566,47 @@ def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, local: bool, deadl
         _git(dst, "rev-list", "--objects", "--all", "--not", "--alternate-refs", "--quiet",
              timeout=deadline.left(f"checking {dst}"), what="checking the clone against the target pool")
         return True
-    except GitError as e:
-        if "timed out" in str(e):
-            raise
+    except GitTimeout:
+        raise
+    except GitError:
         _empty_dir(dst)
         return False
 
 
 def _drop_origin(dst: Path, deadline: _Deadline) -> None:
-    """Forget the remote ``origin`` (the source's path) that ``clone --mirror`` wrote into the target's config.
-    Not ``git remote remove``: with the mirror refspec it would delete every ref."""
+    """Forget the remote ``origin`` (the source's path) that ``clone --mirror`` wrote into the fresh target's config,
+    so the replica does not point back at the source storage.
+
+    Not ``git remote remove``: with the mirror refspec it would delete every ref. The section is cut from the
+    config under git's own lock protocol (``config.lock`` created exclusively, then renamed over ``config``),
+    which saves a git process per repository; anything unexpected falls back to
+    ``git config --remove-section remote.origin``.
+    """
+    cfg, lock = dst / "config", dst / "config.lock"
+    try:
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            with os.fdopen(fd, "w") as out:
+                fd = None
+                kept, skipping = [], False
+                for line in cfg.read_text().splitlines(keepends=True):
+                    if line.lstrip().startswith("["):
+                        skipping = line.strip() == '[remote "origin"]'
+                    if not skipping:
+                        kept.append(line)
+                if any(line.lstrip().startswith("[remote") for line in kept):
+                    raise ValueError("unexpected remote section")
+                out.write("".join(kept))
+                os.fchmod(out.fileno(), os.stat(cfg).st_mode & 0o777)
+            os.replace(lock, cfg)
+            return
+        except (OSError, ValueError):
+            if fd is not None:
+                os.close(fd)
+            lock.unlink(missing_ok=True)
     _git(dst, "config", "--remove-section", "remote.origin", ok=(0, 128), timeout=deadline.left(f"configuring {dst}"),
          what="removing the clone's remote")
 

@@ -81,7 +81,13 @@ class RepositoryHandler:
         items: list[Replicable] = []
 
         def add(storage: str, disk_path: str, suffix: str, role: str, pool: str | None = None, required: bool = True):
-            path = self.src.storage(storage).repo(disk_path, suffix)
+            try:
+                path = self.src.storage(storage).repo(disk_path, suffix)
+            except MissingOnSource:  # registered anyway: its sync fails with the reason, the move cannot pass
+                if required:
+                    items.append(Replicable(self.kind, f"{storage}:{disk_path}{suffix}", None, None,
+                                            {"storage": storage, "disk_path": disk_path, "suffix": suffix, "role": role, "pool": pool}))
+                return
             if not path.exists() and not required:
                 return
             items.append(Replicable(self.kind, f"{storage}:{disk_path}{suffix}", None,
