@@ -50,7 +50,16 @@ def main() -> int:
     topo = env.topology()
     for o in orgs:
         topo.create_route(o.id, "legacy")
-    big = max(orgs, key=lambda o: o.total)
+    # the org to move: Globex (20k rows) with every data kind; Initech (120k rows) stays on the cell
+    big = next(o for o in orgs if o.path == "globex")
+    step(f"creating {big.path}'s Git repositories (and the pool it forks from), objects (S3; cell-1 keeps artifacts "
+         f"on GCS) and container images")
+    import psycopg
+
+    from orgmover.storage import seed_storage
+
+    with psycopg.connect(legacy.dsn) as c:
+        print(seed_storage(c, legacy.storage, [big.id], seed=42, max_object_bytes=2048))
     step("preparing Airflow (metadata DB in .orgmover/airflow)")
     os.environ.update(env.airflow_connections())
     subprocess.run([str(BIN / "airflow"), "db", "migrate"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -75,7 +84,11 @@ def main() -> int:
 
     step("result")
     print(mover.summary(ctx, m["id"])[1])
-    print(f"validation report: {HOME / 'reports' / ('migration-%d-validation.txt' % m['id'])}")
+    vr = HOME / "reports" / ("migration-%d-validation.txt" % m["id"])
+    text = vr.read_text()
+    if "Non-database data" in text:
+        print(text[text.index("Non-database data"):].rstrip())
+    print(f"validation report: {vr}")
     others = [o for o in orgs if o.id != big.id]
     print("other organizations still routed to: " + ", ".join(f"{o.path}={topo.route(o.id)['cell']}" for o in others))
     print(f"\nlocal cells keep running: {BIN / 'orgmover'} --home {HOME} dev status | down")

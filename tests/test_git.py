@@ -312,6 +312,22 @@ def test_fresh_fork_clone_falls_back_to_fetch_when_the_target_pool_lacks_objects
     assert_same(forks[0], dst)
 
 
+def test_fresh_fork_clone_checked_against_a_fetched_target_pool(tmp_path, pooled):
+    from orgmover.git import _objects_cover
+
+    source, pool, forks = pooled
+    copied, fetched = tmp_path / "tgt" / "copied.git", tmp_path / "tgt" / "fetched.git"
+    sync_repository(pool, copied)                      # local clone: the very same object files
+    sync_repository(pool, fetched, local_clone=False)  # pack protocol: other packs, same objects
+    assert _objects_cover(copied, pool) and not _objects_cover(fetched, pool)
+    for tpool in (copied, fetched):  # no check needed / git's connectivity check passes
+        dst = tpool.with_suffix(".fork.git")
+        res = sync_repository(forks[0], dst, src_pool=pool, dst_pool=tpool, sync_pool=False)
+        assert res["method"] == "clone" and alternates_of(dst) == tpool.absolute()
+        fsck_connectivity(dst)
+        assert_same(forks[0], dst)
+
+
 def test_target_moved_to_another_pool_is_copied_afresh(tmp_path, pooled):
     _, pool, forks = pooled
     dst = tmp_path / "tgt" / "fork.git"

@@ -66,6 +66,7 @@ def test_dry_run_changes_nothing_and_writes_a_report(devenv, seeded, org_move_da
     assert "notes " in text and "polymorphic noteable_type/noteable_id" in text
     assert f"Organization rows: {org.total:,}" in text
     assert "Estimated copy time" in text
+    assert "Non-database data" in text and "repository" in text and "object" in text and "container_repository" in text
 
 
 def test_failure_in_precopy_then_resume_completes(devenv, seeded, org_move_dag, ctx):

@@ -145,28 +145,63 @@ def _start(repo: Path | None, *args: str, stdin: bool = False) -> subprocess.Pop
         raise GitError("the git executable was not found on PATH") from None
 
 
+class _Watchdog:
+    """Kills git processes that outlive their timeout. One shared daemon thread, started on first use (and again
+    in a forked child): a thread per git call would cost a thread start on every short git command, and
+    ``communicate(timeout=...)`` ends in a sleep-and-poll wait loop; both add milliseconds under load."""
+
+    TICK = 0.05
+
+    def __init__(self) -> None:
+        self._init()
+        os.register_at_fork(after_in_child=self._init)
+
+    def _init(self) -> None:
+        self._lock = threading.Lock()
+        self._procs: dict[int, tuple[float, subprocess.Popen, threading.Event]] = {}
+        self._thread: threading.Thread | None = None
+
+    def watch(self, p: subprocess.Popen, timeout: float) -> threading.Event:
+        killed = threading.Event()
+        with self._lock:
+            self._procs[id(p)] = (time.monotonic() + timeout, p, killed)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="orgmover-git-watchdog", daemon=True)
+                self._thread.start()
+        return killed
+
+    def unwatch(self, p: subprocess.Popen) -> None:
+        with self._lock:
+            self._procs.pop(id(p), None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.TICK)
+            now = time.monotonic()
+            with self._lock:
+                expired = [(p, ev) for end, p, ev in self._procs.values() if end <= now]
+            for p, ev in expired:
+                ev.set()
+                try:
+                    p.kill()
+                except OSError:
+                    pass
+
+
+_WATCHDOG = _Watchdog()
+
+
 def _finish(p: subprocess.Popen, repo: Path | None, args: tuple[str, ...], input: bytes | None = None,
             timeout: float | None = 600, ok: tuple[int, ...] = (0,), what: str = "") -> subprocess.CompletedProcess:
-    # The timeout is a timer that kills git, not communicate(timeout=...): that one ends in a sleep-and-poll
-    # wait loop which adds milliseconds to every short git call.
-    killed = threading.Event()
-
-    def kill() -> None:
-        killed.set()
-        p.kill()
-
-    timer = threading.Timer(timeout, kill) if timeout is not None else None
-    if timer is not None:
-        timer.daemon = True
-        timer.start()
+    killed = _WATCHDOG.watch(p, timeout) if timeout is not None else None
     try:
         out, err = p.communicate(input)
     finally:
-        if timer is not None:
-            timer.cancel()
-    if killed.is_set():
+        if killed is not None:
+            _WATCHDOG.unwatch(p)
+    if killed is not None and killed.is_set():
         raise GitTimeout(f"git {_sub(args)} timed out after {timeout:g}s{_on(repo)}{_what(what)}",
-                       stderr=(err or b"").decode(errors="replace"))
+                         stderr=(err or b"").decode(errors="replace"))
     if p.returncode not in ok:
         raise GitError(f"git {_sub(args)} failed with exit code {p.returncode}{_on(repo)}{_what(what)}",
                        stderr=err.decode(errors="replace"), returncode=p.returncode)
@@ -493,7 +528,7 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
                   "method": "noop", "seconds": 0.0, "pool": pool_result}
 
         if not exists and _clone_fresh(src, dst, dst_pool, local_clone and (dst_pool is not None or borrowed is None),
-                                        deadline):
+                                        deadline, borrowed=borrowed):
             result.update(created=_count_refs_files(dst), method="clone", bytes=_objects_size(dst))
             if _read_head(dst) != src_head:
                 _copy_head(dst, src_head, deadline)
@@ -534,15 +569,19 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
         return result
 
 
-def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, local: bool, deadline: _Deadline) -> bool:
+def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, local: bool, deadline: _Deadline,
+                 borrowed: Path | None = None) -> bool:
     """Make the fresh target ``dst`` with one ``git clone --mirror``. True when done; False (``dst`` empty again)
     when the caller must init + fetch instead.
 
     ``local``: git's local clone copies the source's own object files (hard-linked on the same file system;
     they are immutable). A pool member's clone (git copies the SOURCE's alternates) is then pointed at the
-    target pool and checked with git's connectivity check over the member's own history
-    (``rev-list --objects --all --not --alternate-refs``); it fails when the source relied on objects its pool
-    holds but does not reference, and then the caller fetches. Not ``local``: ``clone --no-local`` through the
+    target pool and checked: complete without a check when the source borrowed nothing, or when every object
+    file of the source's pool (``borrowed``) is also in the target pool (pack names are content hashes, loose
+    objects are named by id; a pool copied by a local clone has the very same files); otherwise git's
+    connectivity check over the member's own history (``rev-list --objects --all --not --alternate-refs``),
+    which fails when the source relied on objects its pool holds but does not reference: then the caller
+    fetches. Not ``local``: ``clone --no-local`` through the
     pack protocol, with ``--reference <dst_pool>`` for a pool member so the pool's objects are not sent.
     """
     what = f"cloning {src}"
@@ -562,6 +601,8 @@ def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, local: bool, deadl
     if dst_pool is None:
         return True
     _set_alternates(dst, dst_pool)
+    if borrowed is None or _objects_cover(dst_pool, borrowed):
+        return True
     try:
         _git(dst, "rev-list", "--objects", "--all", "--not", "--alternate-refs", "--quiet",
              timeout=deadline.left(f"checking {dst}"), what="checking the clone against the target pool")
@@ -571,6 +612,29 @@ def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, local: bool, deadl
     except GitError:
         _empty_dir(dst)
         return False
+
+
+def _objects_cover(have: Path, need: Path) -> bool:
+    """True when repository ``have`` holds every object file of repository ``need`` (same pack names, same loose
+    object paths) and ``need`` borrows from nowhere else: then ``have``'s objects include all of ``need``'s.
+    Only directory listings are read; any doubt answers False."""
+    if (need / "objects" / "info" / "alternates").exists():
+        return False
+    src, dst = need / "objects", have / "objects"
+    try:
+        with os.scandir(src) as it:
+            for d in it:
+                if d.name == "pack":
+                    names = [f.name for f in os.scandir(d.path) if f.name.endswith(".pack")]
+                elif len(d.name) == 2 and d.is_dir(follow_symlinks=False):
+                    names = [f.name for f in os.scandir(d.path)]
+                else:
+                    continue
+                if names and not all(os.path.exists(dst / d.name / n) for n in names):
+                    return False
+    except OSError:
+        return False
+    return True
 
 
 def _drop_origin(dst: Path, deadline: _Deadline) -> None:
@@ -824,7 +888,3 @@ def create_fork(pool: Path | str, source: Path | str, fork: Path | str, rng: ran
                           {files[0]: s.content(rng.randint(3, 12))})
     s.run(fork)
 
-
-def remove_repository(repo: Path | str) -> None:
-    """Delete a repository directory (for tests and benchmarks)."""
-    shutil.rmtree(repo, ignore_errors=True)

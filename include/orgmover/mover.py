@@ -253,6 +253,34 @@ def measure_throughput(conn: psycopg.Connection, plan: Plan, sample_bytes: int =
     return n / max(time.monotonic() - t0, 1e-6)
 
 
+def _storage_estimate(ctx: MoveContext, source: str, target: str, plan: Plan, rate: float) -> str:
+    """Counts and bytes per non-database data type (read-only: lists and HEADs on the source)."""
+    from orgmover.storage import handlers
+    from orgmover import report as rep
+
+    src_cell, dst_cell = ctx.cell(source), ctx.cell(target)
+    if src_cell.storage is None or dst_cell.storage is None:
+        return ""
+    rows, total = [], 0
+    with src_cell.connect() as src:
+        for h in handlers(src, plan, src_cell.storage, dst_cell.storage):
+            items = h.scan()
+            nbytes = sum(i.size or 0 for i in items)
+            if h.kind == "repository":
+                from orgmover.git import GitStorage
+
+                nbytes = sum(sum(f.stat().st_size for f in GitStorage(i.meta["storage"], src_cell.storage.git_storages.get(
+                    i.meta["storage"], "/nonexistent")).repo(i.meta["disk_path"], i.meta["suffix"]).rglob("*") if f.is_file())
+                    for i in items if i.meta.get("storage") in src_cell.storage.git_storages)
+            total += nbytes
+            rows.append([h.kind, f"{len(items):,}", rep.fmt_bytes(nbytes)])
+    if not rows:
+        return ""
+    est = f"{total / rate:.1f}s at the measured rate (before the write window; only changes are synced inside it)" if rate else "-"
+    return ("\nNon-database data (replicated before the write window, verified):\n"
+            + rep.table(["data type", "items", "bytes"], rows, "lrr") + f"\nEstimated replication time: {est}\n")
+
+
 def dry_run(ctx: MoveContext, org_id: int, source: str, target: str,
             value_maps: dict | None = None) -> tuple[Path, list[str]]:
     """Check and plan without changing anything; write a readable report. Returns (path, problems)."""
@@ -265,6 +293,8 @@ def dry_run(ctx: MoveContext, org_id: int, source: str, target: str,
                     tp.est_rows, tp.est_bytes = org_stats(src, tp)
             rate = measure_throughput(src, res.plan)
     text = report.dry_run_report(org_id, source, target, res.plan, res.problems, res.notes, rate)
+    if res.plan is not None:
+        text += _storage_estimate(ctx, source, target, res.plan, rate)
     ctx.reports_dir.mkdir(parents=True, exist_ok=True)
     path = ctx.reports_dir / f"dry-run-org-{org_id}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.txt"
     path.write_text(text)
