@@ -195,6 +195,45 @@ def test_corrupted_target_is_reported_and_fixed(servers, target):
     assert objects_of(dst) == objects_of(src)
 
 
+def test_objects_written_by_gitlab_itself(servers):
+    """Source objects without our metadata (as GitLab writes them): a multipart one with 5 MiB parts and a
+    single-part one. The S3 copy keeps the multipart layout (same ETag) and gains our sha256; later
+    passes decide from the two listings alone (counted through a pass-through proxy)."""
+    src, dst, gdst = bucket(servers, "src"), bucket(servers, "s3"), bucket(servers, "gcs")
+    rnd = random.Random(9)
+    big, small = rnd.randbytes(12 * MiB + 777), rnd.randbytes(4321)
+    c = src.client
+    up = c.create_multipart_upload(Bucket=src.bucket, Key="n/big")["UploadId"]
+    parts = []
+    for n, off in enumerate(range(0, len(big), 5 * MiB), start=1):
+        r = c.upload_part(Bucket=src.bucket, Key="n/big", UploadId=up, PartNumber=n, Body=big[off:off + 5 * MiB])
+        parts.append({"PartNumber": n, "ETag": r["ETag"]})
+    c.complete_multipart_upload(Bucket=src.bucket, Key="n/big", UploadId=up, MultipartUpload={"Parts": parts})
+    c.put_object(Bucket=src.bucket, Key="n/small", Body=small)
+    assert src.head("n/big").sha256 is None and src.head("n/big").md5 is None  # nothing to compare with
+
+    counter = FlakyProxy(servers["s3b"].port, fail_first=0)
+    try:
+        via = S3Store(counter.endpoint, dst.bucket)
+        assert sync_objects(src, via)["copied"] == 2
+        assert content(dst, "n/big") == big and content(dst, "n/small") == small
+        s, d = src.head("n/big"), dst.head("n/big")
+        assert d.etag == s.etag and d.etag.endswith("-3"), (s, d)  # part for part: the same ETag
+        assert d.sha256 == hashlib.sha256(big).hexdigest()  # recorded although the source had none
+        before = counter.requests
+        r = sync_objects(src, via)
+        assert (r["copied"], r["skipped"]) == (0, 2) and counter.requests - before == 1  # the listing only
+    finally:
+        counter.close()
+    assert verify_objects(src, dst) == [] and verify_objects(src, dst, deep=True) == []
+
+    assert sync_objects(src, gdst)["copied"] == 2
+    assert gdst.head("n/big").sha256 == hashlib.sha256(big).hexdigest() and content(gdst, "n/big") == big
+    r = sync_objects(src, gdst)
+    assert (r["copied"], r["skipped"]) == (0, 2), r
+    assert verify_objects(src, gdst) == []
+
+
 # --------------------------------------------------------------------------------------------- retries
 class FlakyProxy:
     """Answers 503 to the first ``fail_first`` requests, then forwards to ``target`` (host, port)."""
@@ -307,3 +346,46 @@ def test_memory_stays_bounded_on_a_64_mib_object(servers, target):
 def test_object_info_shape():
     i = ObjectInfo("k", 3, None, None)
     assert (i.key, i.size, i.md5, i.sha256, i.etag, i.src_etag) == ("k", 3, None, None, None, None)
+
+
+def test_source_object_vanishing_during_a_sync(servers):
+    """A key listed (or named) that is gone by the time it is copied is reported as missing on the source,
+    or deleted on the target with delete_extra; nothing else fails."""
+    src, dst = bucket(servers, "src"), bucket(servers, "s3")
+    seed_objects(src, random.Random(10), [("v/keep", 100), ("v/gone", 200)])
+    assert sync_objects(src, dst)["copied"] == 2
+    seed_objects(src, random.Random(11), [("v/gone", 200)])  # changed, then deleted before it is copied
+    listed = {i.key: i for i in src.list()}
+    src.delete("v/gone")
+    from orgmover.objects import _sync_key
+
+    r = _sync_key(src, dst, "v/gone", listed["v/gone"], dst.head("v/gone"), True, False)
+    assert r["action"] == "missing_on_source" and dst.head("v/gone") is not None
+    r = _sync_key(src, dst, "v/gone", listed["v/gone"], dst.head("v/gone"), True, True)
+    assert r["action"] == "deleted" and dst.head("v/gone") is None
+
+
+def test_gcs_as_source_and_http_headers_kept(servers):
+    """S3 -> GCS -> S3: GCS read as a source (small and multipart-sized), and the objects' Content-Type,
+    Content-Encoding, Content-Disposition and Cache-Control survive both hops."""
+    src, mid, back = bucket(servers, "src"), bucket(servers, "gcs"), bucket(servers, "s3")
+    rnd = random.Random(12)
+    bodies = {"h/avatar.png": rnd.randbytes(3000), "h/trace.log.gz": rnd.randbytes(PART_SIZE + 4097),
+              "h/plain": rnd.randbytes(10)}
+    headers = {"h/avatar.png": dict(ContentType="image/png", CacheControl="max-age=60",
+                                    ContentDisposition='inline; filename="avatar.png"'),
+               "h/trace.log.gz": dict(ContentType="text/plain", ContentEncoding="gzip")}
+    for k, body in bodies.items():
+        src.client.put_object(Bucket=src.bucket, Key=k, Body=body, **headers.get(k, {}))
+    assert sync_objects(src, mid)["copied"] == 3
+    assert sync_objects(mid, back)["copied"] == 3
+    assert objects_of(back) == objects_of(mid) == objects_of(src) == bodies
+    assert verify_objects(src, back) == [] and verify_objects(mid, back, deep=True) == []
+    for k, want in headers.items():
+        got = back.client.head_object(Bucket=back.bucket, Key=k)
+        assert {h: got.get(h) for h in want} == want, (k, got)
+        g = mid.client.bucket(mid.bucket).get_blob(k)
+        assert (g.content_type, g.content_encoding, g.cache_control, g.content_disposition) == tuple(
+            want.get(h) for h in ("ContentType", "ContentEncoding", "CacheControl", "ContentDisposition")), k
+    r = sync_objects(mid, back)
+    assert (r["copied"], r["skipped"]) == (0, 3), r

@@ -10,21 +10,28 @@ under the same keys".
   upload above ``PART_SIZE``), ``delete``, ``ensure_bucket`` and ``checksum``.
 * Every object we write carries our own ``sha256`` (and, when known before the upload, ``md5``) in
   its user metadata, so a multipart object, whose S3 ETag is not an MD5, can still be verified
-  without reading it back. Metadata that no longer matches the content (an object overwritten by
+  without reading it back. When the sha256 is only known at the end of a multipart upload (a source
+  without our metadata, as GitLab writes them) it is recorded by a server-side part-for-part copy of
+  the object onto itself. Metadata that no longer matches the content (an object overwritten by
   someone else with the old metadata) is detected through the store's own MD5 where there is one
   and then ignored.
-* ``sync_objects`` copies what is missing or different, in a thread pool, each object through a
-  bounded pipe (a reader thread and the uploader, a few MiB in flight, never a whole object in
-  memory), retries transient errors (5xx, 429, connection errors, a source that changed while it
-  was read) with exponential backoff, and optionally deletes target objects the source no longer
-  has. ``verify_objects`` compares checksums; ``sync_object``/``object_checksum`` do one object, for a
+* ``sync_objects`` lists both sides at once and decides from the listings where it can (equal
+  sha256, equal MD5, equal multipart ETag), asks HEAD where it cannot, and streams only as a last
+  resort. It copies what is missing or different in a thread pool: small objects in one request,
+  large ones through a bounded pipe (a reader thread feeding the uploader, a few MiB in flight, never a
+  whole object in memory), an S3 multipart source part for part in its own layout when that layout is
+  uniform (the target gets the same ETag, so later passes compare listings only). Each copy is
+  checked in flight against the source's sha256/MD5 before the object is committed. Transient errors
+  (5xx, 429, connection errors, a source that changed while it was read) are retried with
+  exponential backoff; ``delete_extra`` deletes target objects the source no longer has.
+  ``verify_objects`` compares checksums; ``sync_object``/``object_checksum`` do one object, for a
   Geo-like per-object registry.
 * ``LocalS3`` / ``LocalGCS`` run moto's S3 server and gcp-storage-emulator as local processes
   (127.0.0.1, no Docker) for the dev environment and the tests.
 
-The store clients make one attempt per request (botocore ``max_attempts=1``, google ``retry=None``):
-retrying is this module's job (``_retry``), so a caller sees one policy, and the tests can prove it.
-This module does not import Airflow.
+The store clients make one attempt per request (botocore ``total_max_attempts=1``, google
+``retry=None``): retrying is this module's job (``_retry``), so a caller sees one policy, and the
+tests can prove it. This module does not import Airflow.
 """
 
 from __future__ import annotations
@@ -58,7 +65,6 @@ PART_SIZE = 8 * MiB  # objects above this are multipart (S3) / resumable (GCS) u
 READ_CHUNK = 1 * MiB  # pieces a read yields; the copy pipe holds PIPE_DEPTH of them
 PIPE_DEPTH = 2
 MAX_PARTS = 10_000  # S3's limit on parts per upload
-S3_MAX_COPY = 5 * 1024 * MiB  # S3 CopyObject limit (used to add metadata in place after a multipart upload)
 MAX_BACKOFF = 30.0
 
 META_SHA256 = "sha256"  # user metadata we write on every object
@@ -66,6 +72,8 @@ META_MD5 = "md5"
 META_SRC_ETAG = "src-etag"  # the source object's ETag when the copy was made (identity of multipart sources)
 
 _MD5_RE = re.compile(r"[0-9a-f]{32}")
+_MULTIPART_ETAG_RE = re.compile(r"[0-9a-f]{32}-(\d+)")
+MAX_MIMIC_PART = 32 * MiB  # largest source part size we copy part for part (the part is buffered)
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -134,13 +142,14 @@ def _trusted(meta: Mapping[str, str], actual_md5: str | None) -> tuple[str | Non
 
 
 class _Digests:
-    def __init__(self) -> None:
-        self.md5 = hashlib.md5()
+    def __init__(self, md5: bool = True) -> None:
+        self.md5 = hashlib.md5() if md5 else None
         self.sha256 = hashlib.sha256()
         self.size = 0
 
     def update(self, data) -> None:
-        self.md5.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
         self.sha256.update(data)
         self.size += len(data)
 
@@ -171,8 +180,41 @@ def _check_total(key: str, got: int, size: int) -> None:
 def _check_expected(key: str, d: _Digests, sha256: str | None, md5: str | None) -> None:
     if sha256 and d.sha256.hexdigest() != sha256.lower():
         raise ChecksumMismatch(f"{key}: sha256 of the bytes read is {d.sha256.hexdigest()}, expected {sha256}")
-    if md5 and d.md5.hexdigest() != md5.lower():
+    if md5 and d.md5 is not None and d.md5.hexdigest() != md5.lower():
         raise ChecksumMismatch(f"{key}: md5 of the bytes read is {d.md5.hexdigest()}, expected {md5}")
+
+
+# The HTTP headers an object keeps when it is copied (names as google-cloud-storage spells them).
+HEADER_FIELDS = ("content_type", "content_encoding", "content_disposition", "cache_control")
+_S3_HEADER = {"content_type": "ContentType", "content_encoding": "ContentEncoding",
+              "content_disposition": "ContentDisposition", "cache_control": "CacheControl"}
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+class ObjectStream:
+    """What ``read`` returns: the object's bytes as an iterator of chunks, plus its ``headers``
+    (content_type, content_encoding, content_disposition, cache_control; only those it has)."""
+
+    def __init__(self, chunks: Iterator[bytes], headers: Mapping[str, str] | None = None):
+        self._chunks = chunks
+        self.headers = {k: v for k, v in (headers or {}).items() if v}
+
+    def __iter__(self) -> ObjectStream:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close:
+            close()
+
+
+def _s3_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    h = {_S3_HEADER[k]: v for k, v in (headers or {}).items() if k in _S3_HEADER and v}
+    h.setdefault("ContentType", DEFAULT_CONTENT_TYPE)
+    return h
 
 
 # ---------------------------------------------------------------------------------------------- the pipe
@@ -305,15 +347,21 @@ class ObjectStore(ABC):
         """The object's info, or None when it does not exist."""
 
     @abstractmethod
-    def read(self, key: str) -> Iterator[bytes]:
-        """The object's bytes as a stream of chunks; raises ObjectNotFound."""
+    def read(self, key: str) -> ObjectStream:
+        """The object's bytes as a stream of chunks (with its HTTP headers); raises ObjectNotFound."""
 
     @abstractmethod
     def write(self, key: str, chunks: Iterable[bytes], size: int, sha256: str | None = None, *,
-              md5: str | None = None, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
+              md5: str | None = None, metadata: Mapping[str, str] | None = None,
+              part_size: int | None = None, headers: Mapping[str, str] | None = None) -> ObjectInfo:
         """Store exactly ``size`` bytes from ``chunks`` under ``key``, streaming. When ``sha256``/``md5``
         are given the bytes are checked against them before the object is committed (ChecksumMismatch).
-        The object gets our ``sha256`` metadata in every case."""
+        The object gets our ``sha256`` metadata in every case. ``part_size`` asks for that multipart
+        layout (S3; ignored elsewhere); ``headers`` (see HEADER_FIELDS) are stored with the object."""
+
+    def part_layout(self, info: ObjectInfo) -> int | None:
+        """The uniform part size of a multipart object, when the store can tell (S3), else None."""
+        return None
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -373,6 +421,9 @@ class S3Store(ObjectStore):
         self.client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
             region_name=region, config=cfg)
+        # Over plain HTTP botocore signs every payload's SHA-256, which the server checks: a part then
+        # needs no Content-MD5 (an MD5 pass less). Over HTTPS payloads go unsigned and parts carry one.
+        self._signed_payload = not str(self.client.meta.endpoint_url).startswith("https")
 
     def describe(self) -> str:
         return f"s3://{self.bucket} at {self.endpoint_url or 'AWS'}"
@@ -408,7 +459,7 @@ class S3Store(ObjectStore):
             raise
         return self._info(key, r)
 
-    def read(self, key: str) -> Iterator[bytes]:
+    def read(self, key: str) -> ObjectStream:
         from botocore.exceptions import ClientError
 
         try:
@@ -417,7 +468,7 @@ class S3Store(ObjectStore):
             if self._is_404(e):
                 raise ObjectNotFound(f"{self.describe()}: no object {key}") from e
             raise
-        return self._stream(r["Body"])
+        return ObjectStream(self._stream(r["Body"]), {k: r.get(v) for k, v in _S3_HEADER.items()})
 
     def _stream(self, body) -> Iterator[bytes]:
         try:
@@ -430,8 +481,10 @@ class S3Store(ObjectStore):
             body.close()
 
     def write(self, key: str, chunks: Iterable[bytes], size: int, sha256: str | None = None, *,
-              md5: str | None = None, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
+              md5: str | None = None, metadata: Mapping[str, str] | None = None,
+              part_size: int | None = None, headers: Mapping[str, str] | None = None) -> ObjectInfo:
         extra = dict(metadata or {})
+        http = _s3_headers(headers)
         if size <= self.part_size:
             d = _Digests()
             data = bytearray()
@@ -443,33 +496,43 @@ class S3Store(ObjectStore):
             d.update(data)
             _check_expected(key, d, sha256, md5)
             meta = {**extra, META_SHA256: d.sha256.hexdigest(), META_MD5: d.md5.hexdigest()}
-            r = self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), ContentLength=size,
-                                       ContentMD5=_b64md5(d.md5.hexdigest()), Metadata=meta,
-                                       ContentType="application/octet-stream")
+            r = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentLength=size,
+                                       ContentMD5=_b64md5(d.md5.hexdigest()), Metadata=meta, **http)
             etag = str(r.get("ETag", "")).strip('"')
             return ObjectInfo(key, size, d.md5.hexdigest(), d.sha256.hexdigest(), etag, extra.get(META_SRC_ETAG))
-        return self._write_multipart(key, chunks, size, sha256, md5, extra)
+        return self._write_multipart(key, chunks, size, sha256, md5, extra, part_size, http)
 
-    def _write_multipart(self, key, chunks, size, sha256, md5, extra) -> ObjectInfo:
-        part_size = self.part_size
+    def part_layout(self, info: ObjectInfo) -> int | None:
+        m = _MULTIPART_ETAG_RE.fullmatch(info.etag or "")
+        if not m:
+            return None
+        r = self.client.head_object(Bucket=self.bucket, Key=info.key, PartNumber=1)
+        part, n = int(r["ContentLength"]), int(m.group(1))  # (a store ignoring PartNumber gives the size: no match)
+        if 5 * MiB <= part <= MAX_MIMIC_PART and -(-info.size // part) == n:
+            return part
+        return None
+
+    def _write_multipart(self, key, chunks, size, sha256, md5, extra, wanted_part, http) -> ObjectInfo:
+        part_size = wanted_part if wanted_part and 5 * MiB <= wanted_part <= MAX_MIMIC_PART else self.part_size
         if size > part_size * MAX_PARTS:
             part_size = -(-size // MAX_PARTS // MiB) * MiB + MiB
         meta = dict(extra)
         if sha256:
             meta[META_SHA256] = sha256.lower()
-        up = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta,
-                                                 ContentType="application/octet-stream")
+        up = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta, **http)
         upload_id = up["UploadId"]
-        d = _Digests()
+        # the whole-object MD5 only when it is to be checked: each part has its own for Content-MD5
+        d = _Digests(md5=bool(md5))
         parts = []
         try:
             for n, part in enumerate(_rechunk(chunks, part_size), start=1):
                 if d.size + len(part) > size:
                     _check_total(key, d.size + len(part), size)
                 d.update(part)
+                kw = {} if self._signed_payload else {
+                    "ContentMD5": base64.b64encode(hashlib.md5(part).digest()).decode()}
                 r = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n,
-                                            Body=part, ContentLength=len(part),
-                                            ContentMD5=base64.b64encode(hashlib.md5(part).digest()).decode())
+                                            Body=part, ContentLength=len(part), **kw)
                 parts.append({"PartNumber": n, "ETag": r["ETag"]})
                 del part
             _check_total(key, d.size, size)
@@ -483,19 +546,35 @@ class S3Store(ObjectStore):
                 pass
             raise
         etag = str(r.get("ETag", "")).strip('"')
-        sha_hex, md5_hex = d.sha256.hexdigest(), d.md5.hexdigest()
-        if not sha256 and size <= S3_MAX_COPY:
-            # The sha256 is known only now: copy the object onto itself (server side) to record it,
-            # only if it is still the object we wrote.
+        sha_hex, md5_hex = d.sha256.hexdigest(), md5.lower() if md5 else None
+        if not sha256:
             try:
-                c = self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
-                                            CopySourceIfMatch=f'"{etag}"', MetadataDirective="REPLACE",
-                                            Metadata={**extra, META_SHA256: sha_hex, META_MD5: md5_hex},
-                                            ContentType="application/octet-stream")
-                etag = str(c.get("CopyObjectResult", {}).get("ETag", etag)).strip('"')
+                self._record_metadata(key, etag, size, part_size, {**extra, META_SHA256: sha_hex}, http)
             except Exception:  # noqa: BLE001 - the object is complete; only the metadata shortcut is missing
                 pass
         return ObjectInfo(key, size, md5_hex, sha_hex, etag, extra.get(META_SRC_ETAG))
+
+    def _record_metadata(self, key: str, etag: str, size: int, part_size: int, meta: dict, http: dict) -> None:
+        """Give a multipart object new metadata by copying it onto itself part for part on the server
+        (the same layout keeps the same ETag; any size), only while it is still the object we wrote."""
+        up = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta, **http)
+        upload_id = up["UploadId"]
+        try:
+            parts = []
+            for n, off in enumerate(range(0, size, part_size), start=1):
+                r = self.client.upload_part_copy(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n,
+                                                 CopySource={"Bucket": self.bucket, "Key": key},
+                                                 CopySourceIfMatch=f'"{etag}"',
+                                                 CopySourceRange=f"bytes={off}-{min(off + part_size, size) - 1}")
+                parts.append({"PartNumber": n, "ETag": r["CopyPartResult"]["ETag"]})
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                  MultipartUpload={"Parts": parts})
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except Exception:  # noqa: BLE001
+                pass
+            raise
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=key)
@@ -579,30 +658,41 @@ class GCSStore(ObjectStore):
         blob = self._bucket().get_blob(key, retry=None, timeout=self.timeout)
         return None if blob is None else self._blob_info(blob)
 
-    def read(self, key: str) -> Iterator[bytes]:
+    def read(self, key: str) -> ObjectStream:
         from google.api_core.exceptions import NotFound
 
-        blob = self._bucket().blob(key)
+        blob = self._bucket().get_blob(key, retry=None, timeout=self.timeout)
+        if blob is None:
+            raise ObjectNotFound(f"{self.describe()}: no object {key}")
         client = self.client
+        headers = {k: getattr(blob, k) for k in HEADER_FIELDS}
+        # the generation just looked at, at a URL built from our endpoint (not the server's mediaLink)
+        pinned = self._bucket().blob(key, generation=blob.generation)
 
         def produce(sink):
             w = _SinkWriter(sink, self.read_chunk)
             # raw_download: the stored bytes (no gunzip), checked against the stored crc32c/md5
-            blob.download_to_file(w, client=client, raw_download=True, retry=None, timeout=self.timeout)
+            pinned.download_to_file(w, client=client, raw_download=True, retry=None, timeout=self.timeout)
             w.finish()
 
         def pieces():
             try:
                 yield from Pipe(produce, PIPE_DEPTH, name=f"gcs-read {key}")
-            except NotFound as e:
-                raise ObjectNotFound(f"{self.describe()}: no object {key}") from e
+            except NotFound as e:  # replaced or deleted since we looked: look again
+                raise SourceChanged(f"{self.describe()}: {key} generation {blob.generation} is gone") from e
 
-        return pieces()
+        return ObjectStream(pieces(), headers)
 
     def write(self, key: str, chunks: Iterable[bytes], size: int, sha256: str | None = None, *,
-              md5: str | None = None, metadata: Mapping[str, str] | None = None) -> ObjectInfo:
+              md5: str | None = None, metadata: Mapping[str, str] | None = None,
+              part_size: int | None = None, headers: Mapping[str, str] | None = None) -> ObjectInfo:
         extra = dict(metadata or {})
         blob = self._bucket().blob(key)
+        headers = dict(headers or {})
+        content_type = headers.get("content_type") or DEFAULT_CONTENT_TYPE
+        for k in HEADER_FIELDS[1:]:
+            if headers.get(k):
+                setattr(blob, k, headers[k])
         if size <= self.part_size:
             data = bytearray()
             for c in chunks:
@@ -614,14 +704,14 @@ class GCSStore(ObjectStore):
             d.update(data)
             _check_expected(key, d, sha256, md5)
             blob.metadata = {**extra, META_SHA256: d.sha256.hexdigest(), META_MD5: d.md5.hexdigest()}
-            blob.upload_from_string(bytes(data), content_type="application/octet-stream", checksum="md5",
+            blob.upload_from_string(bytes(data), content_type=content_type, checksum="md5",
                                     retry=None, timeout=self.timeout)
             return self._blob_info(blob)
-        return self._write_resumable(blob, key, chunks, size, sha256, md5, extra)
+        return self._write_resumable(blob, key, chunks, size, sha256, md5, extra, content_type)
 
-    def _write_resumable(self, blob, key, chunks, size, sha256, md5, extra) -> ObjectInfo:
+    def _write_resumable(self, blob, key, chunks, size, sha256, md5, extra, content_type) -> ObjectInfo:
         blob.metadata = {**extra, **({META_SHA256: sha256.lower()} if sha256 else {})}
-        url = blob.create_resumable_upload_session(content_type="application/octet-stream", size=size,
+        url = blob.create_resumable_upload_session(content_type=content_type, size=size,
                                                    checksum=None, retry=None, timeout=self.timeout)
         d = _Digests()
         result: dict | None = None
@@ -793,16 +883,38 @@ def _same(si: ObjectInfo, di: ObjectInfo | None) -> bool | None:
         return si.sha256 == di.sha256
     if si.md5 and di.md5:
         return si.md5 == di.md5
+    if si.etag and si.etag == di.etag and _MULTIPART_ETAG_RE.fullmatch(si.etag):
+        return True  # the same multipart ETag: the same parts' MD5s in the same layout
     if si.etag and di.src_etag:
         return si.etag == di.src_etag or None
     return None
 
 
 def _copy(src: ObjectStore, dst: ObjectStore, si: ObjectInfo) -> ObjectInfo:
-    pipe = Pipe.from_iter(lambda: src.read(si.key), PIPE_DEPTH, name=f"read {si.key}")
+    meta = {META_SRC_ETAG: si.etag} if si.etag else None
+    if si.size <= dst.part_size:  # one request on the target: nothing to overlap, read in this thread
+        stream = src.read(si.key)
+        try:
+            return dst.write(si.key, stream, si.size, si.sha256, md5=si.md5, metadata=meta,
+                             headers=getattr(stream, "headers", None))
+        finally:
+            close = getattr(stream, "close", None)
+            if close:
+                close()
+    # a multipart source is copied part for part when its layout is uniform, so the target gets the
+    # same ETag and later passes compare the two listings without a HEAD
+    part = None
+    if isinstance(dst, S3Store) and _MULTIPART_ETAG_RE.fullmatch(si.etag or ""):
+        try:
+            part = src.part_layout(si)
+        except Exception:  # noqa: BLE001 - only an optimization
+            part = None
+    # large: a reader thread feeds the uploader through a bounded pipe (reads overlap uploads)
+    stream = src.read(si.key)
+    pipe = Pipe.from_iter(lambda: stream, PIPE_DEPTH, name=f"read {si.key}")
     try:
-        return dst.write(si.key, pipe, si.size, si.sha256, md5=si.md5,
-                         metadata={META_SRC_ETAG: si.etag} if si.etag else None)
+        return dst.write(si.key, pipe, si.size, si.sha256, md5=si.md5, metadata=meta, part_size=part,
+                         headers=getattr(stream, "headers", None))
     finally:
         pipe.close()
 
@@ -811,36 +923,46 @@ def _sync_key(src: ObjectStore, dst: ObjectStore, key: str, si: ObjectInfo | Non
               listed: bool, delete_missing: bool) -> dict:
     """One attempt: head (unless listed), compare, copy when needed."""
     out = {"key": key, "action": "skipped", "bytes": 0, "sha256": None, "error": None}
+    try:
+        return _compare_and_copy(src, dst, key, si, di, listed, out)
+    except ObjectNotFound:  # not on the source (any more): deleted there, or never was
+        if delete_missing and dst.head(key) is not None:
+            dst.delete(key)
+            out["action"] = "deleted"
+        else:
+            out.update(action="missing_on_source", error="missing on source")
+        return out
+
+
+def _compare_and_copy(src: ObjectStore, dst: ObjectStore, key: str, si: ObjectInfo | None,
+                      di: ObjectInfo | None, listed: bool, out: dict) -> dict:
+    def head_src() -> ObjectInfo:
+        info = src.head(key)
+        if info is None:
+            raise ObjectNotFound(f"{src.describe()}: no object {key}")
+        return info
+
     if si is None:
-        si = src.head(key)
-        if si is None:
-            if delete_missing and dst.head(key) is not None:
-                dst.delete(key)
-                out["action"] = "deleted"
-            else:
-                out["action"] = "missing_on_source"
-                out["error"] = "missing on source"
-            return out
-        di = dst.head(key)
-        listed = False
+        si, di, listed = head_src(), dst.head(key), False
     verdict = _same(si, di)
     if verdict is None and listed:  # listings carry no metadata (S3): ask both sides
-        si2, di = src.head(key), dst.head(key)
-        si = si2 or si
+        si, di = head_src(), dst.head(key)
+        listed = False
         verdict = _same(si, di)
     if verdict is None:  # no shared digest: compute (streams whatever has no sha256 metadata)
         ssum = src.checksum(key)
-        dsum = dst.checksum(key)
-        verdict = ssum is not None and ssum == dsum
-        if ssum is not None and si.sha256 is None:
+        if ssum is None:
+            raise ObjectNotFound(f"{src.describe()}: no object {key}")
+        verdict = ssum == dst.checksum(key)
+        if si.sha256 is None:
             si = ObjectInfo(si.key, si.size, si.md5, ssum, si.etag, si.src_etag)
     if verdict:
         out["sha256"] = si.sha256 or (di.sha256 if di else None)
         return out
     if listed and si.sha256 is None and si.md5 is None:
         # a listed multipart object: its metadata may hold the sha256, which lets the copy be checked
-        # in flight (and spares S3 the in-place copy that records it afterwards)
-        si = src.head(key) or si
+        # in flight (and spares the in-place copy that records it afterwards)
+        si = head_src()
     info = _copy(src, dst, si)
     out.update(action="copied", bytes=si.size, sha256=info.sha256)
     return out
@@ -866,7 +988,8 @@ def object_checksum(store: ObjectStore, key: str, *, deep: bool = False, retries
     return _retry(lambda: store.checksum(key, deep=deep), retries, backoff)
 
 
-def _bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, on_done: Callable[[Any, Any, BaseException | None], None]) -> None:
+def _bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int,
+                 on_done: Callable[[Any, Any, BaseException | None], None]) -> None:
     """Run ``fn(item)`` in a pool with at most ``4 * workers`` items in flight (the item stream is lazy)."""
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="objsync") as ex:
         pending: dict = {}
@@ -935,8 +1058,11 @@ def sync_objects(src: ObjectStore, dst: ObjectStore, keys: Iterable[str] | None 
         record(res if exc is None else {"key": item[0], "action": "failed", "bytes": 0, "error": _err(exc)})
 
     if keys is None:
-        dst_index = {i.key: i for i in _retry(lambda: list(dst.list(prefix)), retries, backoff)}
-        src_infos = _retry(lambda: list(src.list(prefix)), retries, backoff)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="objlist") as ex:  # both listings at once
+            f_dst = ex.submit(_retry, lambda: list(dst.list(prefix)), retries, backoff)
+            f_src = ex.submit(_retry, lambda: list(src.list(prefix)), retries, backoff)
+            dst_index = {i.key: i for i in f_dst.result()}
+            src_infos = f_src.result()
         src_keys = {i.key for i in src_infos}
         _bounded_map(run, ((i.key, i, dst_index.get(i.key), True) for i in src_infos), workers, done)
         if delete_extra:
@@ -960,8 +1086,9 @@ def verify_objects(src: ObjectStore, dst: ObjectStore, keys: Iterable[str] | Non
     """Keys whose target object is missing or whose content differs from the source's (sorted).
 
     Compares SHA-256 (our metadata, trusted only while it matches the store's own MD5), else the stores'
-    MD5s, else SHA-256 computed by streaming. ``deep`` streams both sides whatever the metadata says.
-    ``keys=None`` verifies every source object under ``prefix``."""
+    MD5s (or equal multipart ETags: the same MD5 for every part), else SHA-256 computed by streaming.
+    ``deep`` streams both sides whatever the metadata says. ``keys=None`` verifies every source object
+    under ``prefix``."""
     if keys is None:
         keys = [i.key for i in _retry(lambda: list(src.list(prefix)), retries, backoff)]
     bad: list[str] = []
@@ -978,6 +1105,8 @@ def verify_objects(src: ObjectStore, dst: ObjectStore, keys: Iterable[str] | Non
                 return si.sha256 == di.sha256
             if si.md5 and di.md5:
                 return si.md5 == di.md5
+            if si.etag and si.etag == di.etag and _MULTIPART_ETAG_RE.fullmatch(si.etag):
+                return True  # the same MD5 for every part
             return src.checksum(key) == dst.checksum(key)
 
         return _retry(once, retries, backoff)
@@ -1126,8 +1255,9 @@ class _LocalServer:
         return self.pid() is not None
 
     def answers(self, timeout: float = 2.0) -> bool:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
         try:
-            with urllib.request.urlopen(self.endpoint + self.health_path, timeout=timeout) as r:
+            with opener.open(self.endpoint + self.health_path, timeout=timeout) as r:
                 return r.status < 500
         except Exception:  # noqa: BLE001
             return False
@@ -1140,8 +1270,9 @@ class _LocalServer:
             raise OrgMoverError(f"port {self.port} is in use by another process; pick another port for {self.root}")
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.logfile, "ab") as log:
-            self._proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          cwd=self.root, env=self._env(), start_new_session=True)
+            self._proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, cwd=self.root, env=self._env(),
+                                          start_new_session=True)
         self.pidfile.write_text(f"{self._proc.pid}\n")
         deadline = time.monotonic() + timeout
         while not self.answers(timeout=1):
@@ -1216,7 +1347,8 @@ class LocalGCS(_LocalServer):
         self.in_memory = in_memory
 
     def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(self.port), "-q"]
+        cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+               "--port", str(self.port), "-q"]
         if self.default_bucket:
             cmd += ["--default-bucket", self.default_bucket]
         if self.in_memory:

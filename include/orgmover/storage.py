@@ -304,6 +304,11 @@ def seed_storage(conn: psycopg.Connection, cell: CellStorage, org_ids: list[int]
             else:
                 git.seed_repository(path, rng, commits=rng.randint(5, 15), branches=rng.randint(1, 3), tags=rng.randint(1, 3),
                                     merge_request_refs=2, keep_around=1)
+                if pool_id in pools:  # the pool's source project: its pool exists even when its forks are elsewhere
+                    pool = cell.storage(pools[pool_id][0]).repo(pools[pool_id][1])
+                    if not pool.exists():
+                        git.create_pool_from(path, pool)
+                        counts["repositories"] += 1
                 if rng.random() < 0.3:
                     git.seed_repository(cell.storage(shard).repo(disk, ".wiki.git"), rng, commits=3, branches=0, tags=0,
                                         merge_request_refs=0, keep_around=0)
