@@ -395,6 +395,10 @@ class ObjectStore(ABC):
         return self.describe()
 
 
+_BOTO_LOCK = threading.Lock()
+_BOTO_SESSION = None  # a boto3 Session is not thread-safe: clients are made from it under the lock
+
+
 class S3Store(ObjectStore):
     """A bucket of an S3-compatible store through boto3 (path-style addressing, one attempt per request)."""
 
@@ -418,9 +422,13 @@ class S3Store(ObjectStore):
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
         )
-        self.client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-            region_name=region, config=cfg)
+        with _BOTO_LOCK:  # one session for all stores: a new one reloads the service model (~60 ms)
+            global _BOTO_SESSION
+            if _BOTO_SESSION is None:
+                _BOTO_SESSION = boto3.session.Session()
+            self.client = _BOTO_SESSION.client(
+                "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                region_name=region, config=cfg)
         # Over plain HTTP botocore signs every payload's SHA-256, which the server checks: a part then
         # needs no Content-MD5 (an MD5 pass less). Over HTTPS payloads go unsigned and parts carry one.
         self._signed_payload = not str(self.client.meta.endpoint_url).startswith("https")
