@@ -106,6 +106,21 @@ def test_local_servers_are_idempotent(servers):
         assert srv.endpoint == f"http://127.0.0.1:{srv.port}"
 
 
+def test_local_gcs_stops_by_pid_and_keeps_its_data_on_disk(tmp_path):
+    srv = LocalGCS(tmp_path / "gcs", free_port(), default_bucket="kept")
+    srv.start()
+    try:
+        pid = srv.pid()
+        store = GCSStore(srv.endpoint, "kept")
+        store.write("k", iter([b"persist"]), 7)
+        srv.stop()
+        assert not srv.running() and not srv.answers(timeout=0.5) and srv.pid() is None
+        srv.start()
+        assert srv.pid() != pid and content(GCSStore(srv.endpoint, "kept"), "k") == b"persist"
+    finally:
+        srv.stop()
+
+
 # --------------------------------------------------------------------------------------------- sync
 @pytest.mark.parametrize("target", ["s3", "gcs"])
 def test_sync_mixed_sizes_incremental_changes_and_deletions(servers, target):
@@ -150,7 +165,7 @@ def test_sync_selected_keys_and_missing_on_source(servers):
     seed_objects(src, random.Random(3), [("k/1", 10), ("k/2", 20), ("k/3", 30)])
     results = []
     r = sync_objects(src, dst, keys=["k/1", "k/3", "k/gone"], on_result=results.append)
-    assert (r["copied"], r["failed"]) == (2, 1) and "missing on source" in r["failures"]["k/gone"], r
+    assert (r["copied"], r["failed"]) == (2, 1) and "not found on the source" in r["failures"]["k/gone"], r
     assert {x["key"]: x["action"] for x in results} == {"k/1": "copied", "k/3": "copied", "k/gone": "missing_on_source"}
     assert dst.head("k/2") is None
 
@@ -389,3 +404,24 @@ def test_gcs_as_source_and_http_headers_kept(servers):
             want.get(h) for h in ("ContentType", "ContentEncoding", "CacheControl", "ContentDisposition")), k
     r = sync_objects(mid, back)
     assert (r["copied"], r["skipped"]) == (0, 3), r
+
+
+def test_which_errors_are_retried():
+    import requests
+    from botocore.exceptions import ClientError, EndpointConnectionError
+    from google.api_core import exceptions as gexc
+
+    from orgmover.objects import ChecksumMismatch, ObjectNotFound, SourceChanged, is_transient
+
+    def client_error(status, code):
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    assert is_transient(client_error(503, "SlowDown")) and is_transient(client_error(500, "InternalError"))
+    assert is_transient(client_error(429, "TooManyRequests"))
+    assert not is_transient(client_error(404, "NoSuchKey")) and not is_transient(client_error(403, "AccessDenied"))
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert is_transient(requests.exceptions.ConnectionError("refused")) and is_transient(ConnectionResetError())
+    assert is_transient(gexc.ServiceUnavailable("x")) and is_transient(gexc.TooManyRequests("x"))
+    assert not is_transient(gexc.NotFound("x")) and not is_transient(gexc.Forbidden("x"))
+    assert is_transient(ChecksumMismatch("x")) and is_transient(SourceChanged("x"))
+    assert not is_transient(ObjectNotFound("x")) and not is_transient(ValueError("x"))

@@ -830,9 +830,9 @@ _TRANSIENT_NAMES = {
     # botocore
     "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
     "IncompleteReadError", "ResponseStreamingError", "HTTPClientError", "ProxyConnectionError",
-    # urllib3 / requests / http.client
+    # urllib3 / requests / http.client / google.auth
     "ProtocolError", "ChunkedEncodingError", "IncompleteRead", "RemoteDisconnected", "Timeout",
-    "ConnectTimeout", "ReadTimeout",
+    "ConnectTimeout", "ReadTimeout", "ConnectionError", "NewConnectionError", "TransportError",
     # google
     "DataCorruption", "ServiceUnavailable", "InternalServerError", "BadGateway", "GatewayTimeout",
     "TooManyRequests", "ServerError",
@@ -938,7 +938,7 @@ def _sync_key(src: ObjectStore, dst: ObjectStore, key: str, si: ObjectInfo | Non
             dst.delete(key)
             out["action"] = "deleted"
         else:
-            out.update(action="missing_on_source", error="missing on source")
+            out.update(action="missing_on_source", error="not found on the source")
         return out
 
 
@@ -1271,10 +1271,11 @@ class _LocalServer:
             return False
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the server unless it is already running and answering (idempotent)."""
-        if self.running() and self.answers():
+        """Start the server unless it is already running (idempotent); return once it answers."""
+        if self.running():
+            self._wait_answering(timeout, started=False)
             return
-        if self.pid() is None and self.answers(timeout=1):
+        if self.answers(timeout=1):
             raise OrgMoverError(f"port {self.port} is in use by another process; pick another port for {self.root}")
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.logfile, "ab") as log:
@@ -1282,11 +1283,16 @@ class _LocalServer:
                                           stdin=subprocess.DEVNULL, cwd=self.root, env=self._env(),
                                           start_new_session=True)
         self.pidfile.write_text(f"{self._proc.pid}\n")
+        self._wait_answering(timeout, started=True)
+
+    def _wait_answering(self, timeout: float, started: bool) -> None:
         deadline = time.monotonic() + timeout
         while not self.answers(timeout=1):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
+            exited = self._proc.poll() is not None if started and self._proc else not self.running()
+            if exited or time.monotonic() > deadline:
                 tail = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
-                self.stop()
+                if started:
+                    self.stop()
                 raise OrgMoverError(f"{type(self).__name__} on port {self.port} did not start; log:\n{tail}")
             time.sleep(0.1)
 

@@ -184,7 +184,7 @@ class ObjectHandler:
         t, key = item.meta["type"], item.meta["key"]
         res = objects.sync_object(self._store("src", t), self._store("dst", t), key)
         if res.get("error"):
-            if res.get("action") == "missing" or "not found" in str(res["error"]).lower():
+            if res.get("action") == "missing_on_source":
                 raise MissingOnSource(f"{t}/{key}")
             raise objects.ObjectStoreError(str(res["error"]))
         return int(res.get("bytes") or 0)
