@@ -34,7 +34,7 @@ from orgmover.pgcopy import (INTEGER_TYPES, Progress, apply_deletions, check_sha
 from orgmover.plan import Plan, Planner, qi
 from orgmover.topology import NotFound, TopologyClient, VersionConflict
 from orgmover.tracking import Tracking
-from orgmover.validation import fk_violations, validate_table
+from orgmover.validation import fk_violations
 
 log = logging.getLogger("orgmover.mover")
 
@@ -421,24 +421,6 @@ def sync_shared(ctx: MoveContext, mid: int) -> None:
     copy_shared_rows(ctx, mid, in_window=True)
 
 
-def sync_table(ctx: MoveContext, mid: int, table: str) -> dict:
-    """In the write window: bring one table up to date with what changed since the pre-copy."""
-    m = ctx.tracking.get(mid)
-    _require_maintenance(ctx, m)
-    plan = load_plan(ctx, mid)
-    tp = plan.tables[table]
-    row = ctx.tracking.table(mid, table)
-    if row["state"] != "copied":
-        raise StateError(f"{table} was not pre-copied (state {row['state']}); re-run the copy phase")
-    column, bounds = _chunking(ctx, mid, table)
-    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
-    with src_cell.connect() as src, dst_cell.connect() as dst:
-        res = sync_changed_rows(src, dst, plan, tp, column, bounds, m["precopy_xmin"],
-                                _transformer(src, dst, plan, tp, src_cell, dst_cell), logger=ctx.log)
-    ctx.tracking.update_table(mid, table, synced_in_window=m["maintenance_window"], sync_detail=res)
-    return {"table": table, "changed": res["changed"]}
-
-
 def sync_all(ctx: MoveContext, mid: int, workers: int = 2) -> list[str]:
     """The write window's work in one task: shared rows, every table's changes since the pre-copy
     (tables in parallel, each worker with its own connections), deletions, foreign keys. Returns the
@@ -545,32 +527,6 @@ def precopy_done(ctx: MoveContext, mid: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ validate
-def validate_one(ctx: MoveContext, mid: int, table: str) -> dict:
-    m = ctx.tracking.get(mid)
-    plan = load_plan(ctx, mid)
-    tp = plan.tables[table]
-    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
-    row = ctx.tracking.table(mid, table)
-    if row["validated_in_window"] == m["maintenance_window"] and row["validation_state"] == "passed":
-        ctx.log(f"validate {table}: already passed in this window")
-        return {"table": table, "ok": True}
-    if m["state"] == "quiesced":
-        ctx.tracking.update(mid, state="validating")
-    t0 = time.monotonic()
-    res = validate_table(src_cell.connect, dst_cell.connect, tp, src_cell.key, dst_cell.key)
-    ctx.tracking.update_table(mid, table, source_rows=res.source_rows, target_rows=res.target_rows,
-                              source_checksum=res.source_checksum, target_checksum=res.target_checksum,
-                              validation_state="passed" if res.ok else "failed", validation_detail=res.to_dict(),
-                              validated_in_window=m["maintenance_window"])
-    ctx.log(f"validate {table}: {res.source_rows:,} rows on source, {res.target_rows:,} on target, "
-            f"{'match' if res.ok else 'MISMATCH'} ({time.monotonic() - t0:.2f}s)")
-    if res.diff:
-        d = res.diff
-        ctx.log(f"  row diff {table}: matching {d['matching']}, mismatched {d['mismatched']} {d['samples']['mismatched']}, "
-                f"missing on target {d['missing_on_target']} {d['samples']['missing_on_target']}, "
-                f"extra on target {d['extra_on_target']} {d['samples']['extra_on_target']}")
-    return {"table": table, "ok": res.ok}
-
 
 def validate_all(ctx: MoveContext, mid: int) -> dict:
     """Validate every table in one task: each cell computes all checksums on its own connection, the two

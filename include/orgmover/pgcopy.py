@@ -173,34 +173,6 @@ def stream_rows(src: psycopg.Connection, dst_cur: psycopg.Cursor, select_sql: st
     return rows
 
 
-def copy_org_table(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan, tp: TablePlan,
-                   src_key: bytes | None = None, dst_key: bytes | None = None, est_rows: int = 0, est_bytes: int = 0,
-                   logger: Callable[[str], None] | None = None) -> CopyResult:
-    """Copy the org's rows of one table in one target transaction."""
-    if tp.strategy != "org":
-        raise CopyError(f"{tp.table} is a {tp.strategy} table, not copied as org rows")
-    progress = Progress(f"copy {tp.table}", est_rows, est_bytes, logger=logger)
-    cols = ", ".join(qi(c) for c in tp.columns)
-    t0 = time.monotonic()
-    try:
-        transform = None
-        if tp.needs_transform:
-            transform = row_transformer(tp, tp.columns, remap_tables(src, dst, plan, tp), src_key, dst_key)
-        src.commit()  # one statement reads the table: it sees one snapshot
-        with src.transaction(), dst.transaction():
-            with dst.cursor() as dcur:
-                dcur.execute("SET LOCAL session_replication_role = replica")
-                rows = stream_rows(src, dcur, tp.select_sql(), f"COPY {qi(tp.table)} ({cols}) FROM STDIN",
-                                   progress, transform)
-    except psycopg.errors.UniqueViolation as e:
-        raise CopyError(f"{tp.table}: a row of the organization already exists on the target "
-                        f"({e.diag.message_detail or e}); nothing of this table was written") from e
-    except psycopg.Error as e:
-        raise CopyError(f"{tp.table}: copy failed, nothing of this table was written: {str(e).strip()}") from e
-    (logger or log.info)(progress.line(final=True))
-    return CopyResult(tp.table, rows, progress.bytes, time.monotonic() - t0)
-
-
 def sync_shared_table(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan, tp: TablePlan,
                       src_key: bytes | None = None, dst_key: bytes | None = None,
                       logger: Callable[[str], None] | None = None) -> dict:
@@ -326,7 +298,7 @@ def check_shared_matches(src: psycopg.Connection, dst: psycopg.Connection, plan:
     return [p for tp in plan.of("shared") if not tp.insert_missing for p in missing_matches(src, dst, tp)]
 
 
-__all__ = ["CopyResult", "Progress", "copy_org_table", "sync_shared_table", "key_collisions", "delete_org_rows",
+__all__ = ["CopyResult", "Progress", "sync_shared_table", "key_collisions", "delete_org_rows",
            "org_stats", "check_shared_matches", "PreflightError"]
 
 

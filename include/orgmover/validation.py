@@ -17,9 +17,7 @@ extra-on-target rows with sample keys. Memory stays flat; rows are never held.
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import psycopg
 
@@ -200,31 +198,6 @@ class TableValidation:
         d = asdict(self)
         d["ok"] = self.ok
         return d
-
-
-def validate_table(connect_src: Callable[[], psycopg.Connection], connect_dst: Callable[[], psycopg.Connection],
-                   tp: TablePlan, src_key: bytes | None = None, dst_key: bytes | None = None,
-                   diff_samples: int = 10) -> TableValidation:
-    """Checksums on both cells in parallel; a row-level diff when they differ."""
-    if tp.strategy == "shared" and not tp.insert_missing:
-        with connect_src() as s, connect_dst() as d:
-            return lookup_validation(s, d, tp)
-
-    def run(connect, source):
-        with connect() as c:
-            return table_checksum(c, tp, source)
-
-    with ThreadPoolExecutor(2) as ex:
-        fs, fd = ex.submit(run, connect_src, True), ex.submit(run, connect_dst, False)
-        (sn, ss), (dn, ds) = fs.result(), fd.result()
-    res = TableValidation(tp.table, tp.strategy, sn, dn, ss, ds)
-    if tp.encrypted:
-        with connect_src() as s, connect_dst() as d:
-            res.encrypted = encrypted_diff(s, d, tp, src_key, dst_key, diff_samples).to_dict()
-    if (sn, ss) != (dn, ds):
-        with connect_src() as s, connect_dst() as d:
-            res.diff = row_diff(s, d, tp, diff_samples).to_dict()
-    return res
 
 
 def fk_violations(conn: psycopg.Connection, plan: Plan, catalog: Catalog, samples: int = 3,

@@ -1,9 +1,8 @@
-from orgmover_airflow.operators.move import (CleanupSourceOperator, ReplicateFinalOperator, ReplicateOperator, CopyTableOperator, PrecopyDoneOperator, SyncAllOperator, SyncDeletionsOperator, SyncSharedOperator, SyncTableOperator, ValidateAllOperator, GoNoGoOperator,
+from orgmover_airflow.operators.move import (CleanupSourceOperator, ReplicateFinalOperator, ReplicateOperator, CopyTableOperator, PrecopyDoneOperator, SyncAllOperator, ValidateAllOperator, GoNoGoOperator,
                                              MaintenanceOnOperator, OrgMoveBaseOperator, PlanOperator,
                                              PreflightOperator, PrepareTargetOperator, ReleaseOperator,
-                                             RollbackOperator, SummaryOperator, SwitchoverOperator,
-                                             ValidateTableOperator)
+                                             RollbackOperator, SummaryOperator, SwitchoverOperator)
 
-__all__ = ["CleanupSourceOperator", "ReplicateFinalOperator", "ReplicateOperator", "CopyTableOperator", "PrecopyDoneOperator", "SyncAllOperator", "SyncDeletionsOperator", "ValidateAllOperator", "SyncSharedOperator", "SyncTableOperator", "GoNoGoOperator", "MaintenanceOnOperator",
+__all__ = ["CleanupSourceOperator", "ReplicateFinalOperator", "ReplicateOperator", "CopyTableOperator", "PrecopyDoneOperator", "SyncAllOperator", "ValidateAllOperator", "GoNoGoOperator", "MaintenanceOnOperator",
            "OrgMoveBaseOperator", "PlanOperator", "PreflightOperator", "PrepareTargetOperator", "ReleaseOperator",
-           "RollbackOperator", "SummaryOperator", "SwitchoverOperator", "ValidateTableOperator"]
+           "RollbackOperator", "SummaryOperator", "SwitchoverOperator"]

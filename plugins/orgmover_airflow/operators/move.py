@@ -135,20 +135,6 @@ class PrecopyDoneOperator(OrgMoveBaseOperator):
         mover.precopy_done(self.move_context(), self.mid)
 
 
-class SyncSharedOperator(OrgMoveBaseOperator):
-    """In the window: shared rows referenced since the pre-copy (new users, LFS objects...)."""
-
-    def run_phase(self, context: Any):
-        mover.sync_shared(self.move_context(), self.mid)
-
-
-class SyncTableOperator(_TableOperator):
-    """In the window: re-copies the rows of one table written since the pre-copy started."""
-
-    def run_phase(self, context: Any):
-        return mover.sync_table(self.move_context(), self.mid, self.table)
-
-
 class SyncAllOperator(OrgMoveBaseOperator):
     """The write window in one task: shared rows, every table's changes since the pre-copy (tables in
     parallel), deletions, foreign keys. Returns the tables to validate."""
@@ -171,22 +157,6 @@ class ValidateAllOperator(OrgMoveBaseOperator):
 
     def run_phase(self, context: Any):
         return mover.validate_all(self.move_context(), self.mid)
-
-
-class SyncDeletionsOperator(OrgMoveBaseOperator):
-    """In the window: applies the source's deletions, checks foreign keys; returns the tables to validate."""
-
-    def run_phase(self, context: Any):
-        return mover.sync_deletions(self.move_context(), self.mid)
-
-
-class ValidateTableOperator(_TableOperator):
-    """Row count and checksum of one table on both cells; row-level diff on a mismatch."""
-
-    ui_color = "#f3e8fd"
-
-    def run_phase(self, context: Any):
-        return mover.validate_one(self.move_context(), self.mid, self.table)
 
 
 class GoNoGoOperator(OrgMoveBaseOperator):
