@@ -28,6 +28,7 @@ from orgmover import gitlab
 from orgmover.cells import Cell, conn_id_for, key_conn_id_for
 from orgmover.errors import ConfigError
 from orgmover.localpg import PgCluster, free_port
+from orgmover.localpg import pid_alive as _alive
 
 CELL_DB = "gitlabhq_production"
 CELL_NAMES = ["legacy", "cell-1", "cell-2", "cell-3"]
@@ -290,16 +291,3 @@ class DevEnv:
         path.chmod(0o600)
         return path
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True

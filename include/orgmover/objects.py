@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from orgmover.errors import OrgMoverError
+from orgmover.localpg import pid_alive as _alive
 
 MiB = 1024 * 1024
 PART_SIZE = 8 * MiB  # objects above this are multipart (S3) / resumable (GCS) uploads, in parts of this size
@@ -1200,18 +1201,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _cmdline(pid: int) -> str:
