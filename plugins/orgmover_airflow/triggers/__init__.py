@@ -1,0 +1,3 @@
+from orgmover_airflow.triggers.replication import ReplicationTrigger
+
+__all__ = ["ReplicationTrigger"]
