@@ -21,6 +21,7 @@ from orgmover_airflow.operators import (CopyTableOperator, GoNoGoOperator, Maint
                                         PrecopyDoneOperator, PreflightOperator, PrepareTargetOperator,
                                         ReleaseOperator, ReplicateFinalOperator, ReplicateOperator, SummaryOperator,
                                         SwitchoverOperator, SyncAllOperator, ValidateAllOperator)
+from orgmover_airflow.operators.move import ReplicateBatchOperator, ReplicateScanOperator
 from orgmover_airflow.sensors import ReplicationSensor
 
 MID = "{{ ti.xcom_pull(task_ids='preflight.check') }}"
@@ -79,11 +80,16 @@ with DAG(
         prepare >> copies >> precopied
 
     with TaskGroup("replicate", tooltip="repositories, objects, images: Geo-like registry, synced and verified") as g_repl:
-        replicate = ReplicateOperator(task_id="sync_until_converged", migration_id=MID)
+        scan = ReplicateScanOperator(task_id="scan", migration_id=MID)
+        batches = ReplicateBatchOperator.partial(
+            task_id="sync_batch", migration_id=MID, max_active_tis_per_dag=4,
+            map_index_template="{{ task.batch.kind }} {{ task.batch.no }}/{{ task.batch.of }}").expand(batch=scan.output)
+        # runs when there was no batch (nothing to sync: the mapped task is skipped), not after a failure
+        converge = ReplicateOperator(task_id="converge", migration_id=MID, trigger_rule=TriggerRule.NONE_FAILED)
         replicated = ReplicationSensor(task_id="wait_synced_and_verified", migration_id=MID,
                                        max_wait_seconds=int(os.environ.get("ORGMOVER_REPLICATION_WAIT", "3600")),
                                        poke_interval=int(os.environ.get("ORGMOVER_REPLICATION_POKE", "15")))
-        replicate >> replicated
+        scan >> batches >> converge >> replicated
 
     with TaskGroup("quiesce", tooltip="maintenance on: writes blocked") as g_quiesce:
         maintenance = MaintenanceOnOperator(task_id="maintenance_on", migration_id=MID)
@@ -119,7 +125,7 @@ with DAG(
     release = ReleaseOperator(task_id="release", migration_id=MID, retries=3).as_teardown(setups=maintenance)
 
     is_move >> plan >> prepare
-    precopied >> replicate
+    precopied >> scan
     replicated >> maintenance >> sync
     storage_final >> validate
     go >> gate

@@ -217,8 +217,39 @@ class CleanupSourceOperator(OrgMoveBaseOperator):
         return sum(counts.values())
 
 
+class ReplicateScanOperator(OrgMoveBaseOperator):
+    """Scans the source and registers every repository, object and image of the org in the replication
+    registry; returns what needs syncing as batches (key ranges of about ``batch_size`` rows per data
+    type, env ``ORGMOVER_REPLICATION_BATCH``, default 200) for the mapped ``sync_batch`` task."""
+
+    ui_color = "#fff8e1"
+
+    def __init__(self, *, batch_size: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.batch_size = batch_size
+
+    def run_phase(self, context: Any):
+        return mover.replication_batches(self.move_context(), self.mid, self.batch_size)
+
+
+class ReplicateBatchOperator(OrgMoveBaseOperator):
+    """Syncs and verifies one batch (mapped over the scan's batches): only its rows that are pending, or
+    failed and due; the others are skipped. Returns counts."""
+
+    ui_color = "#fff8e1"
+
+    def __init__(self, *, batch: dict, workers: int = 4, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.batch = batch  # not templated: keys are paths that may contain anything
+        self.workers = workers
+
+    def run_phase(self, context: Any):
+        return mover.replicate_batch(self.move_context(), self.mid, self.batch, workers=self.workers)
+
+
 class ReplicateOperator(OrgMoveBaseOperator):
-    """Repositories, objects and images of the org: register, sync, verify, re-scan until converged."""
+    """Repositories, objects and images of the org: register, sync, verify, re-scan until converged
+    (in the DAG: after the batches, syncs what changed on the source since the scan)."""
 
     ui_color = "#fff8e1"
 
