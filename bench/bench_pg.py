@@ -43,8 +43,7 @@ def timed(fn, *a, **kw):
 
 def precopy(ctx, mid, tables):
     mover.prepare_target(ctx, mid)
-    for t in tables:
-        mover.copy_table(ctx, mid, t)
+    mover.copy_tables(ctx, mid, tables)
 
 
 def window(ctx, mid, tables):
@@ -121,11 +120,16 @@ def main() -> int:
     ap.add_argument("--org-rows", type=int, default=100_000)
     ap.add_argument("--filler-rows", type=int, default=10_000_000, help="rows on the busy source cell for (d)")
     ap.add_argument("--home", default=str(ROOT / ".orgmover" / "bench"))
+    ap.add_argument("--only", default="abcde", help="which measures to run, e.g. abc")
+    ap.add_argument("--verbose", action="store_true", help="print the mover's log lines")
+    ap.add_argument("--keep", action="store_true", help="leave the cells running afterwards (for a look)")
     args = ap.parse_args()
     env = DevEnv(Path(args.home))
     env.down(destroy=True, log=lambda *_: None)
     env.up(ncells=2, log=lambda *_: None)
-    ctx = env.context(log=lambda *_: None)
+    t_start = time.monotonic()
+    ctx = env.context(log=(lambda msg: print(f"  | {time.monotonic() - t_start:8.2f} {msg}", flush=True))
+                      if args.verbose else (lambda *_: None))
     ctx.chunk_rows = 20_000
     legacy = env.resolve_cell("legacy")
     topo = env.topology()
@@ -166,6 +170,12 @@ def main() -> int:
                  f"{t_scan / t_val:.2f}x speed", ">= 0.8x"])
     mover.go_no_go(ctx, mid)
     mover.switchover(ctx, mid)
+    if not set(args.only) & set("de"):
+        print()
+        print(table(["measure", "orgmover", "baseline (same run)", "ratio", "goal"], rows))
+        if not args.keep:
+            env.down(destroy=True, log=lambda *_: None)
+        return 0
 
     # (d) cost follows the org, not the cell
     with psycopg.connect(legacy.dsn) as c:

@@ -56,6 +56,9 @@ def test_changes_after_precopy_are_synced_in_the_window(devenv, seeded, ctx):
     assert ctx.tracking.get(mid)["state"] == "completed"
     details = {t["table_name"]: t["sync_detail"] for t in ctx.tracking.tables(mid) if t["sync_detail"]}
     assert details["issues"]["changed"] == 1 and details["notes"]["changed"] == 1
+    # the window knew the written keys from the change-capture slot: no table was scanned
+    assert {d["mode"] for d in details.values()} == {"captured"}
+    assert details["issues"]["absent_keys"] and not details["events"].get("absent_keys")
     # the window re-copied only the rows written since the pre-copy, not the org
     assert sum(d["changed"] for d in details.values()) < 10
     expected = dict(org.rows)

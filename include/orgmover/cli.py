@@ -69,8 +69,7 @@ def run_move(ctx, org: int, source: str, target: str, run_id: str = "cli", befor
     try:
         tables = mover.make_plan(ctx, mid)
         mover.prepare_target(ctx, mid)
-        for t in tables:
-            mover.copy_table(ctx, mid, t)
+        mover.copy_tables(ctx, mid, tables)
         mover.precopy_done(ctx, mid)
         mover.replicate(ctx, mid)
         if before_window:

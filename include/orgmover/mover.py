@@ -29,9 +29,10 @@ from orgmover.cells import Cell, check_cell_name
 from orgmover.errors import (ClassificationError, ConfigError, OrgMoverError, PreflightError, StateError,
                              ValidationFailed)
 from orgmover.pgcopy import (INTEGER_TYPES, Progress, apply_deletions, check_shared_matches, chunk_bounds, copy_chunk,
-                             delete_org_rows, key_collisions, org_stats, remap_tables, row_transformer,
-                             sync_changed_rows, sync_shared_table)
-from orgmover.plan import Plan, Planner, qi
+                             bind, delete_absent, delete_org_rows, key_collisions, key_filter, key_types, org_stats,
+                             remap_tables,
+                             row_transformer, sync_changed_rows, sync_keys, sync_shared_table)
+from orgmover.plan import Plan, Planner, TablePlan, qi
 from orgmover.topology import NotFound, TopologyClient, VersionConflict
 from orgmover.tracking import Tracking
 from orgmover.validation import fk_violations
@@ -359,6 +360,7 @@ def copy_shared_rows(ctx: MoveContext, mid: int, in_window: bool = False) -> Non
     ctx.tracking.phase_started(mid, "sync" if in_window else "copy")
     with src_cell.connect() as src, dst_cell.connect() as dst:
         if m["precopy_xmin"] is None:
+            _open_capture(ctx, mid, src)
             xmin = src.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()[0]
             ctx.tracking.update(mid, precopy_xmin=xmin)
             ctx.log(f"pre-copy starts at source transaction {xmin}: rows written from now on are synced in the write window")
@@ -367,6 +369,41 @@ def copy_shared_rows(ctx: MoveContext, mid: int, in_window: bool = False) -> Non
         for tp in plan.shared_in_order():
             res = sync_shared_table(src, dst, plan, tp, src_cell.key, dst_cell.key, logger=ctx.log)
             ctx.tracking.update_table(mid, tp.table, state="copied", rows_copied=res["inserted"])
+
+
+def _open_capture(ctx: MoveContext, mid: int, src) -> None:
+    """Open the change-capture slot on the source before the first row is copied (see orgmover.changes)."""
+    from orgmover import changes
+
+    name = changes.slot_name(mid)
+    opts = dict(ctx.tracking.get(mid).get("options") or {})
+    try:
+        lsn = changes.create_slot(src, name)
+    except changes.CaptureUnavailable as e:
+        ctx.log(f"change capture unavailable on the source ({e}); the write window will scan the rows "
+                f"written since the pre-copy instead")
+        return
+    opts.update(capture_slot=name, capture_lsn=lsn)
+    ctx.tracking.update(mid, options=opts)
+    ctx.log(f"change capture: replication slot {name} from {lsn}: rows written from now on are re-copied by key "
+            f"in the write window")
+
+
+def _close_capture(ctx: MoveContext, m: dict) -> None:
+    """Drop the capture slot: a slot keeps the source's WAL. A resumed migration falls back to the scan."""
+    from orgmover import changes
+
+    name = (m.get("options") or {}).get("capture_slot")
+    if not name:
+        return
+    try:
+        with ctx.cell(m["source_cell"]).connect() as src:
+            if changes.drop_slot(src, name):
+                ctx.log(f"change capture: replication slot {name} dropped")
+    except Exception as e:  # never block a switch or a release on it; say so loudly
+        ctx.tracking.event(m["id"], "warning", f"could not drop replication slot {name} on {m['source_cell']}: {e}; "
+                                               f"drop it by hand, it retains WAL")
+        ctx.log(f"WARNING: could not drop replication slot {name} on {m['source_cell']}: {e}")
 
 
 def prepare_target(ctx: MoveContext, mid: int) -> None:
@@ -417,6 +454,17 @@ def copy_table(ctx: MoveContext, mid: int, table: str) -> dict:
     return {"table": table, "rows": rows, "bytes": nbytes}
 
 
+def copy_tables(ctx: MoveContext, mid: int, tables: list[str], workers: int = 2) -> list[dict]:
+    """Pre-copy several tables at once, the largest first, each worker with its own connections (what
+    the DAG's mapped copy tasks do across workers; the CLI and the benchmark use this)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plan = load_plan(ctx, mid)
+    order = sorted(tables, key=lambda t: -(plan.tables[t].est_bytes or 0))
+    with ThreadPoolExecutor(max(1, workers)) as ex:
+        return list(ex.map(lambda t: copy_table(ctx, mid, t), order))
+
+
 def sync_shared(ctx: MoveContext, mid: int) -> None:
     copy_shared_rows(ctx, mid, in_window=True)
 
@@ -432,8 +480,14 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 2) -> list[str]:
     m = ctx.tracking.get(mid)
     _require_maintenance(ctx, m)
     plan = load_plan(ctx, mid)
-    sync_shared(ctx, mid)
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    t0 = time.monotonic()
+    captured = _captured_changes(ctx, m, src_cell, plan)
+    if _needs_shared_sync(plan, captured):
+        sync_shared(ctx, mid)
+    else:  # a new reference to a shared row not on the target yet shows in the foreign-key check, which syncs them then
+        ctx.tracking.phase_started(mid, "sync")
+        ctx.log("shared rows: none written on the source since the pre-copy, no changed row remaps one")
     rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
     chunking = {t: (rows[t]["chunk_column"], [c["lo"] for c in ctx.tracking.chunks(mid, t)[1:]])
                 for t in rows if rows[t]["strategy"] == "org"}
@@ -452,14 +506,22 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 2) -> list[str]:
         return local.c
 
     def one(table: str) -> tuple[str, dict]:
-        src, dst, dst2 = conns()
         tp = plan.tables[table]
+        if captured is not None and table not in captured.rescan:
+            keys = captured.of(table)
+            if not keys:
+                return table, {"mode": "captured", "changed": 0, "absent_keys": []}
+            src, dst, _ = conns()
+            res = sync_keys(src, dst, tp, keys, _transformer(src, dst, plan, tp, src_cell, dst_cell), logger=ctx.log)
+            return table, {"mode": "captured", "keys": len(keys), **res}
+        src, dst, dst2 = conns()
         column, bounds = chunking[table]
-        return table, sync_changed_rows(src, dst, plan, tp, column, bounds, m["precopy_xmin"],
-                                        _transformer(src, dst, plan, tp, src_cell, dst_cell), logger=ctx.log,
-                                        dst_counts_conn=dst2)
+        if captured is not None:
+            ctx.log(f"sync {table}: {captured.rescan[table]}: scanning the rows written since the pre-copy")
+        return table, {"mode": "scan", **sync_changed_rows(src, dst, plan, tp, column, bounds, m["precopy_xmin"],
+                                                           _transformer(src, dst, plan, tp, src_cell, dst_cell),
+                                                           logger=ctx.log, dst_counts_conn=dst2)}
 
-    t0 = time.monotonic()
     try:
         with ThreadPoolExecutor(max(1, workers)) as ex:
             results = dict(ex.map(one, sorted(chunking)))
@@ -470,11 +532,39 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 2) -> list[str]:
         ctx.tracking.update_table(mid, table, synced_in_window=m["maintenance_window"], sync_detail=res)
     ctx.log(f"synced {len(results)} tables in {time.monotonic() - t0:.2f}s: "
             f"{sum(r['changed'] for r in results.values()):,} rows written since the pre-copy")
-    return sync_deletions(ctx, mid)
+    return sync_deletions(ctx, mid, captured)
 
 
-def sync_deletions(ctx: MoveContext, mid: int) -> list[str]:
-    """Apply the source's deletions to the target, then check foreign keys; returns the tables to validate."""
+def _needs_shared_sync(plan: Plan, captured) -> bool:
+    if captured is None or captured.rescan:
+        return True
+    return any(plan.tables[t].strategy == "shared" or plan.tables[t].remaps for t, keys in captured.keys.items() if keys)
+
+
+def _captured_changes(ctx: MoveContext, m: dict, src_cell: Cell, plan: Plan):
+    """The keys written on the source since the pre-copy, from the capture slot; None when there is no
+    usable slot (never opened, dropped by a release, invalidated): then every table is scanned."""
+    from orgmover import changes
+
+    name = (m.get("options") or {}).get("capture_slot")
+    if not name:
+        return None
+    t0 = time.monotonic()
+    try:
+        with src_cell.connect() as src:
+            got = changes.read_changes(src, name, {t: tp.key for t, tp in plan.tables.items() if tp.strategy != "skip"})
+    except changes.CaptureUnavailable as e:
+        ctx.log(f"change capture: {e}; scanning the rows written since the pre-copy instead")
+        return None
+    ctx.log(f"change capture: {got.changes:,} row changes in the plan's tables since the pre-copy "
+            f"({sum(len(k) for k in got.keys.values()):,} keys in {len(got.keys)} tables) read in {time.monotonic() - t0:.2f}s")
+    return got
+
+
+def sync_deletions(ctx: MoveContext, mid: int, captured=None) -> list[str]:
+    """Apply the source's deletions to the target, then check foreign keys; returns the tables to validate.
+    With the captured changes, the check reads only the rows the window wrote and the children of the
+    rows it deleted."""
     m = ctx.tracking.get(mid)
     _require_maintenance(ctx, m)
     plan = load_plan(ctx, mid)
@@ -491,25 +581,82 @@ def sync_deletions(ctx: MoveContext, mid: int) -> list[str]:
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
     with src_cell.connect() as src, dst_cell.connect() as dst:
         apply_deletions(src, dst, plan, todo, logger=ctx.log)
+        by_key = [(plan.tables[t], key_types(src, plan.tables[t]), [tuple(k) for k in r["sync_detail"]["absent_keys"]])
+                  for t, r in sorted(rows.items()) if r["strategy"] == "org" and (r["sync_detail"] or {}).get("absent_keys")]
+        gone = delete_absent(dst, plan, by_key, logger=ctx.log)
     # the pre-copy's foreign keys were checked before the window; here only what the window touched:
     # tables with rows written or deleted, and tables referencing a table with deletions
-    changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | {tp.table for tp, *_ in todo}
+    deleted = {tp.table for tp, *_ in todo} | {t for t, n in gone.items() if n}
+    changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | deleted
     with dst_cell.connect() as dst:
         catalog = read_catalog(dst)
-    deleted = {tp.table for tp, *_ in todo}
-    touched = changed | {t for t in plan.tables if any(fk.ref_table in deleted for fk in catalog[t].foreign_keys)}
-    check_foreign_keys(ctx, mid, touched)
+        touched = changed | {t for t in plan.tables if any(fk.ref_table in deleted for fk in catalog[t].foreign_keys)}
+        only = _touched_rows(dst, plan, catalog, rows, captured, touched, {tp.table for tp, *_ in todo})
+    try:
+        check_foreign_keys(ctx, mid, touched, only, catalog=catalog)
+    except ValidationFailed:
+        if _needs_shared_sync(plan, captured):
+            raise
+        ctx.log("a written row references a shared row the target lacks: syncing shared rows, then checking again")
+        sync_shared(ctx, mid)
+        check_foreign_keys(ctx, mid, touched, only, catalog=catalog)
     ctx.tracking.phase_finished(mid, "sync")
     ctx.tracking.phase_started(mid, "validate")  # finished by go_no_go
     return sorted(t for t, p in plan.tables.items() if p.strategy != "skip")
 
 
-def check_foreign_keys(ctx: MoveContext, mid: int, tables: set[str] | None = None) -> None:
-    """Every foreign key of the org's rows (of ``tables``, default all) on the target points at an existing row."""
+def _touched_rows(dst, plan: Plan, catalog: Catalog, rows: dict, captured, touched: set[str],
+                  scan_deleted: set[str]) -> dict[str, str]:
+    """Predicates (over alias t) narrowing the foreign-key check of a touched table to the rows the
+    window wrote and the rows referencing the keys it deleted, when the captured changes tell them.
+    A table deleted from by the fallback scan leaves its children checked in full."""
+    if captured is None:
+        return {}
+    parts: dict[str, list[str]] = {}
+    full: set[str] = set()
+    types = {}
+
+    def typ(tp):
+        if tp.table not in types:
+            types[tp.table] = key_types(dst, tp)
+        return types[tp.table]
+
+    for t in touched:
+        tp, r = plan.tables[t], rows.get(t) or {}
+        detail = r.get("sync_detail") or {}
+        if detail.get("mode") != "captured":
+            full.add(t)
+            continue
+        absent = {tuple(k) for k in detail.get("absent_keys") or []}
+        written = sorted(k for k in captured.of(t) if k not in absent)
+        if written:
+            parts.setdefault(t, []).append(bind(dst, *key_filter(tp, typ(tp), written)))
+    for t in touched:
+        for fk in catalog[t].foreign_keys:
+            parent = plan.tables.get(fk.ref_table)
+            if parent is None or fk.ref_table not in touched:
+                continue
+            pdetail = (rows.get(fk.ref_table) or {}).get("sync_detail") or {}
+            gone = [tuple(k) for k in pdetail.get("absent_keys") or []]
+            if fk.ref_table in scan_deleted or pdetail.get("mode") != "captured":
+                full.add(t)
+            elif gone and list(fk.ref_columns) == list(parent.key):
+                child = TablePlan(t, "org", "", "true", [], list(fk.columns))
+                parts.setdefault(t, []).append(bind(dst, *key_filter(child, typ(parent), gone)))
+            elif gone:
+                full.add(t)
+    # a captured table with nothing written and no deleted parent has nothing to check: "false"
+    return {t: " OR ".join(f"({p})" for p in parts.get(t, [])) or "false" for t in touched if t not in full}
+
+
+def check_foreign_keys(ctx: MoveContext, mid: int, tables: set[str] | None = None, only: dict[str, str] | None = None,
+                       catalog: Catalog | None = None) -> None:
+    """Every foreign key of the org's rows (of ``tables``, default all; of ``only``'s rows where given)
+    on the target points at an existing row."""
     m = ctx.tracking.get(mid)
     plan = load_plan(ctx, mid)
     with ctx.cell(m["target_cell"]).connect() as dst:
-        problems = fk_violations(dst, plan, read_catalog(dst), tables=tables)
+        problems = fk_violations(dst, plan, catalog or read_catalog(dst), tables=tables, only=only)
     if problems:
         raise ValidationFailed("foreign keys of the organization's rows are broken on the target:\n  - " + "\n  - ".join(problems))
     ctx.log(f"foreign keys of organization {m['organization_id']} on {m['target_cell']}: all resolved")
@@ -636,6 +783,7 @@ def switchover(ctx: MoveContext, mid: int) -> dict:
         ctx.tracking.transition(mid, "completed", ("switching", "validated"), switched_at=now, maintenance_ended_at=now,
                                 route_version=new["version"])
         ctx.tracking.event(mid, "info", f"routed to {m['target_cell']} (route version {new['version']}), maintenance off")
+        _close_capture(ctx, m)
         ctx.log(f"organization {org} now routed to {m['target_cell']} (route version {new['version']}); writes open")
     return new
 
@@ -646,6 +794,7 @@ def release(ctx: MoveContext, mid: int | None) -> str:
         return "no migration"
     m = ctx.tracking.get(mid)
     if m["state"] in ("completed", "rolled_back"):
+        _close_capture(ctx, m)  # in case the switch could not drop it
         return m["state"]
     org = m["organization_id"]
     route = ctx.topology.route(org)
@@ -662,6 +811,7 @@ def release(ctx: MoveContext, mid: int | None) -> str:
                                                                   "validated", "switching")),
                                 maintenance_ended_at=datetime.now(timezone.utc),
                                 error=m["error"] or "the run did not complete")
+    _close_capture(ctx, m)
     ctx.tracking.event(mid, "warning", "released: maintenance off, route unchanged, target rows kept for resume or rollback")
     return "failed"
 

@@ -463,3 +463,92 @@ def apply_deletions(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan
     (logger or log.info)(f"deleted on the target {sum(counts.values()):,} rows deleted on the source since the pre-copy: "
                          + ", ".join(f"{t} {n}" for t, n in counts.items() if n))
     return counts
+
+
+# ---------------------------------------------------------------------------- sync by captured keys
+def key_types(conn: psycopg.Connection, tp: TablePlan) -> list[str]:
+    types = dict(conn.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                              "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+                              (qi(tp.table),)).fetchall())
+    return [types[c] for c in tp.key]
+
+
+def key_filter(tp: TablePlan, types: list[str], keys: list[tuple], alias: str = "t") -> tuple[str, list]:
+    """SQL (and parameters) true for the rows whose key is in ``keys`` (text values as captured),
+    written so the primary-key index is used."""
+    if len(tp.key) == 1:
+        return f"{alias}.{qi(tp.key[0])} = ANY(%s::{types[0]}[])", [[k[0] for k in keys]]
+    cols = ", ".join(f"{alias}.{qi(c)}" for c in tp.key)
+    arrays = ", ".join(f"%s::{t}[]" for t in types)
+    return f"({cols}) IN (SELECT * FROM unnest({arrays}))", [[k[i] for k in keys] for i in range(len(tp.key))]
+
+
+def sync_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, keys: set[tuple],
+              transform: Callable[[tuple], tuple] | None, logger: Callable[[str], None] | None = None,
+              batch: int = 50_000) -> dict:
+    """In the write window: re-copy the org's rows whose key was written on the source since the
+    pre-copy (captured keys), replacing the target's rows with those keys, in one target transaction.
+    Keys no longer among the org's rows on the source (deleted, or moved out of the org) are returned
+    as ``absent``; they are deleted by :func:`delete_absent` once every table is synced."""
+    progress = Progress(f"sync {tp.table}", logger=logger)
+    cols = ", ".join(qi(c) for c in tp.columns)
+    match = " AND ".join(f"t.{qi(c)} = s.{qi(c)}" for c in tp.key)
+    types = key_types(src, tp)
+    ordered = sorted(keys)
+    changed = 0
+    with src.transaction(), dst.transaction():
+        with dst.cursor() as dcur:
+            dcur.execute("SET LOCAL session_replication_role = replica")
+            dcur.execute(f"CREATE TEMP TABLE _om_changed ON COMMIT DROP AS SELECT {cols} FROM {qi(tp.table)} WITH NO DATA")
+            for i in range(0, len(ordered), batch):
+                part = ordered[i:i + batch]
+                cond = bind(src, *key_filter(tp, types, part))  # COPY takes no parameters
+                sel = f"SELECT {', '.join('t.' + qi(c) for c in tp.columns)} FROM {qi(tp.table)} t WHERE ({tp.where_row or tp.where}) AND {cond}"
+                changed += stream_rows(src, dcur, sel, f"COPY _om_changed ({cols}) FROM STDIN", progress, transform)
+            # the keys still the org's on the source, as text like the captured ones
+            present = {tuple(r) for r in dcur.execute(f"SELECT {', '.join(f's.{qi(c)}::text' for c in tp.key)} FROM _om_changed s")}
+            dcur.execute(f"DELETE FROM {qi(tp.table)} t USING _om_changed s WHERE {match}")
+            dcur.execute(f"INSERT INTO {qi(tp.table)} ({cols}) SELECT {cols} FROM _om_changed")
+    absent = sorted(k for k in keys if k not in present)
+    (logger or log.info)(f"sync {tp.table}: {len(keys):,} keys written since the pre-copy: {changed:,} rows re-copied, "
+                         f"{len(absent):,} gone from the organization on the source")
+    return {"changed": changed, "absent_keys": [list(k) for k in absent]}
+
+
+def bind(conn: psycopg.Connection, cond: str, params: list) -> str:
+    """``cond`` with its ``%s`` placeholders replaced by SQL literals of ``params``."""
+    from psycopg import sql as _sql
+
+    parts = cond.split("%s")
+    if len(parts) != len(params) + 1:
+        raise ValueError("placeholders and parameters differ")
+    out = [parts[0]]
+    for p, rest in zip(params, parts[1:]):
+        out += [_sql.Literal(p).as_string(conn), rest]
+    return "".join(out)
+
+
+def delete_absent(dst: psycopg.Connection, plan: Plan, todo: list[tuple[TablePlan, list[str], list[tuple]]],
+                  logger: Callable[[str], None] | None = None) -> dict[str, int]:
+    """Delete from the target the org's rows whose keys (``todo``: table plan, key types, keys) are
+    no longer the org's on the source. Only rows the org predicate still selects on the target are
+    deleted (a key of another organization's row is never touched); every table's rows are found
+    first, then deleted, in one transaction."""
+    counts: dict[str, int] = {}
+    if not todo:
+        return counts
+    with dst.transaction():
+        with dst.cursor() as dcur:
+            dcur.execute("SET LOCAL session_replication_role = replica")
+            for i, (tp, types, keys) in enumerate(todo):
+                cond, params = key_filter(tp, types, keys)
+                kcols = ", ".join(f"t.{qi(c)}" for c in tp.key)
+                dcur.execute(f"CREATE TEMP TABLE _om_gone_{i} ON COMMIT DROP AS SELECT {kcols} FROM {qi(tp.table)} t "
+                             f"WHERE ({tp.where_row or tp.where}) AND {cond}", params)
+            for i, (tp, _, _) in enumerate(todo):
+                match = " AND ".join(f"t.{qi(c)} = g.{qi(c)}" for c in tp.key)
+                dcur.execute(f"DELETE FROM {qi(tp.table)} t USING _om_gone_{i} g WHERE {match}")
+                counts[tp.table] = dcur.rowcount
+    (logger or log.info)(f"deleted on the target {sum(counts.values()):,} rows gone from the organization on the source "
+                         "since the pre-copy: " + ", ".join(f"{t} {n}" for t, n in counts.items() if n))
+    return counts

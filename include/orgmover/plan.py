@@ -72,6 +72,7 @@ class TablePlan:
     est_bytes: int = 0
     inferred: bool = False
     value_map: dict = field(default_factory=dict)  # shared tables: configured source -> target match value
+    where_row: str | None = None        # ``where``, cheaper when few rows are picked by key (see Planner._any_of)
 
     def select_sql(self, columns: list[str] | None = None) -> str:
         cols = ", ".join(f"t.{qi(c)}" for c in (columns or self.columns))
@@ -164,6 +165,7 @@ class Planner:
                 self._class_to_table[c.split("::")[-1]] = e.table_name
         self._strategy: dict[str, str] = {}
         self._pred: dict[str, tuple[str, str, bool]] = {}   # table -> (predicate template with {a}, how, inferred)
+        self._or_forms: dict[str, str] = {}   # UNION form of a predicate template -> the same as a plain OR
         self._visiting: set[str] = set()
         self._alias = 0
         self.errors: list[str] = []
@@ -271,7 +273,11 @@ class Planner:
         cols = ", ".join(f"{b}.{qi(c)}" for c in key)
         branches = " UNION ".join(f"SELECT {cols} FROM {qi(table)} {b} WHERE {p.replace('{a}', b)}" for p in parts)
         lhs = f"{{a}}.{qi(key[0])}" if len(key) == 1 else "(" + ", ".join(f"{{a}}.{qi(c)}" for c in key) + ")"
-        return f"{lhs} IN ({branches})"
+        union = f"{lhs} IN ({branches})"
+        # for rows already picked by key (the write window) the plain OR is cheaper: the UNION would
+        # compute all the org's rows of this table first
+        self._or_forms[union] = "(" + " OR ".join(parts) + ")"
+        return union
 
     def _distinct_types(self, table: str, type_col: str) -> list[str]:
         if self.conn is None:
@@ -446,8 +452,10 @@ class Planner:
                 if s == "org":
                     tpl, how, inferred = self._predicate_template(name)
                     where = tpl.replace("{a}", "t").replace("{org}", str(int(org_id)))
-                    plans[name] = TablePlan(name, "org", how, where, t.copy_columns, key, encrypted=enc,
-                                            inferred=inferred)
+                    row_tpl = self._or_forms.get(tpl)
+                    plans[name] = TablePlan(name, "org", how, where, t.copy_columns, key, encrypted=enc, inferred=inferred,
+                                            where_row=row_tpl.replace("{a}", "t").replace("{org}", str(int(org_id)))
+                                            if row_tpl else None)
                 else:  # shared
                     match_on = list(e.org_mover.get("match_on") or key)
                     plans[name] = TablePlan(

@@ -201,12 +201,16 @@ class TableValidation:
 
 
 def fk_violations(conn: psycopg.Connection, plan: Plan, catalog: Catalog, samples: int = 3,
-                  tables: set[str] | None = None) -> list[str]:
-    """Foreign keys of the org's rows (and shared rows) that point at no row on this cell."""
+                  tables: set[str] | None = None, only: dict[str, str] | None = None) -> list[str]:
+    """Foreign keys of the org's rows (and shared rows) that point at no row on this cell. ``only``
+    replaces the org predicate of some tables by a narrower one over alias ``t`` (e.g. the keys the write
+    window wrote); other tables of ``tables`` are checked in full."""
     problems = []
     for tp in plan.tables.values():
         if tp.strategy == "skip" or (tables is not None and tp.table not in tables):
             continue
+        # rows narrowed by key are the org's by construction (written by the window, or pointing at its rows)
+        where = tp.where if not only or tp.table not in only else f"({only[tp.table]})"
         for fk in catalog[tp.table].foreign_keys:
             parent = plan.tables.get(fk.ref_table)
             if parent is None or parent.strategy == "skip":
@@ -217,7 +221,7 @@ def fk_violations(conn: psycopg.Connection, plan: Plan, catalog: Catalog, sample
             match = " AND ".join(f"p.{qi(rc)} = t.{qi(c)}" for c, rc in zip(fk.columns, fk.ref_columns))
             key = "ROW(" + ", ".join(f"t.{qi(c)}" for c in tp.key) + ")::text"
             rows = conn.execute(
-                f"SELECT {key} FROM {qi(tp.table)} t WHERE {tp.where} AND {notnull} AND NOT EXISTS "
+                f"SELECT {key} FROM {qi(tp.table)} t WHERE {where} AND {notnull} AND NOT EXISTS "
                 f"(SELECT 1 FROM {qi(fk.ref_table)} p WHERE {match}) LIMIT {samples + 1}").fetchall()
             if rows:
                 problems.append(f"{tp.table}.{','.join(fk.columns)} -> {fk.ref_table}: rows "

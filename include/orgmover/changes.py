@@ -1,0 +1,254 @@
+"""Change capture on the source cell: a logical replication slot opened before the pre-copy.
+
+Every row written on the source after the slot is created is in the slot's change stream, so in the
+write window the mover re-copies exactly the rows that changed (by primary key) instead of scanning
+the organization's rows (Vitess MoveTables and Ghostferry do the same with the binlog; pgcopydb with
+a slot). The slot uses the ``test_decoding`` output plugin that ships with PostgreSQL (also on RDS
+and Cloud SQL), read with ``pg_logical_slot_peek_changes``: reading does not consume, so a retried
+window task sees the same changes. The slot is dropped when the migration completes, is released
+or rolled back, since a slot keeps the source's WAL. Without the slot (dropped, invalidated, or a
+cell without ``wal_level=logical``) the mover falls back to scanning rows written since the
+pre-copy's transaction horizon (``pgcopy.sync_changed_rows``): slower, equally correct.
+
+Only keys are kept, per table, in memory: the window re-reads the current rows from the source. A
+table whose changes cannot be keyed (TRUNCATE, or deletes without key data because the table has
+no primary key and no replica identity) is marked for the fallback scan.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import psycopg
+
+PLUGIN = "test_decoding"
+_HEAD = re.compile(r"^table (?P<table>.+?): (?P<action>INSERT|UPDATE|DELETE|TRUNCATE):(?P<rest>.*)$", re.S)
+
+
+class CaptureUnavailable(Exception):
+    """The slot cannot be created or read (e.g. wal_level is not logical, no free slot)."""
+
+
+def slot_name(migration_id: int) -> str:
+    return f"orgmover_migration_{int(migration_id)}"
+
+
+def slot_exists(conn: psycopg.Connection, name: str) -> bool:
+    row = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+    return row is not None and row[0] != "lost"
+
+
+def create_slot(conn: psycopg.Connection, name: str) -> str:
+    """Create the slot (or keep it when it exists); returns its consistent point (LSN). Waits for
+    transactions running on the source to finish, so that every row they wrote is either visible
+    to the pre-copy or in the slot. ``conn`` must be in autocommit mode."""
+    row = conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+    if row is not None:
+        return row[0]
+    try:
+        return conn.execute("SELECT lsn::text FROM pg_create_logical_replication_slot(%s, %s)", (name, PLUGIN)).fetchone()[0]
+    except psycopg.Error as e:
+        raise CaptureUnavailable(str(e).strip()) from e
+
+
+def drop_slot(conn: psycopg.Connection, name: str) -> bool:
+    row = conn.execute("SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+    if row is None:
+        return False
+    if row[0] is not None:
+        conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+    conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+    return True
+
+
+def flush_point(conn: psycopg.Connection) -> str:
+    """Flush the source's WAL up to now and return that LSN. Decoding only sees flushed WAL, and a
+    transaction committed with ``synchronous_commit = off`` is visible before its WAL is flushed: without
+    this, the last writes before the window could be missed."""
+    if conn.info.server_version >= 170000:
+        return conn.execute("SELECT pg_logical_emit_message(false, 'orgmover', 'window', true)::text").fetchone()[0]
+    with conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = on")
+        lsn = conn.execute("SELECT pg_logical_emit_message(true, 'orgmover', 'window')::text").fetchone()[0]
+    return lsn
+
+
+def retained_bytes(conn: psycopg.Connection, name: str) -> int | None:
+    """WAL the slot keeps on the source (what an abandoned migration would cost the cell)."""
+    row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots "
+                       "WHERE slot_name = %s", (name,)).fetchone()
+    return None if row is None else int(row[0] or 0)
+
+
+# ---------------------------------------------------------------------------- test_decoding lines
+def _ident(s: str, i: int) -> tuple[str, int]:
+    if s.startswith('"', i):
+        out, i = [], i + 1
+        while True:
+            j = s.index('"', i)
+            out.append(s[i:j])
+            if s.startswith('"', j + 1):
+                out.append('"')
+                i = j + 2
+            else:
+                return "".join(out), j + 1
+    j = s.index("[", i)
+    return s[i:j], j
+
+
+def parse_fields(s: str, want: frozenset[str] | set[str] | None = None) -> dict[str, str | None]:
+    """``name[type]:value ...`` as test_decoding writes a tuple: text values (quoted with '' escapes),
+    ``null``, or unquoted values (numbers, booleans). ``unchanged-toast-datum`` is kept as such."""
+    out: dict[str, str | None] = {}
+    i, n = 0, len(s)
+    while i < n:
+        while i < n and s[i] == " ":
+            i += 1
+        if i >= n:
+            break
+        name, i = _ident(s, i)
+        if not s.startswith("[", i):
+            raise ValueError(f"unexpected change format at {s[i:i + 40]!r}")
+        j = s.index("]:", i)
+        i = j + 2
+        if s.startswith("'", i):
+            buf, i = [], i + 1
+            while True:
+                k = s.index("'", i)
+                buf.append(s[i:k])
+                if s.startswith("'", k + 1):
+                    buf.append("'")
+                    i = k + 2
+                else:
+                    i = k + 1
+                    break
+            out[name] = "".join(buf)
+        else:
+            k = s.find(" ", i)
+            k = n if k < 0 else k
+            v = s[i:k]
+            out[name] = None if v == "null" else v
+            i = k
+        if want is not None and want.issubset(out):
+            break  # the key columns come first in most tables: the rest of a long row is not parsed
+    return out
+
+
+@dataclass
+class Change:
+    table: str            # as written (schema-qualified, maybe quoted)
+    action: str           # INSERT UPDATE DELETE TRUNCATE
+    old: dict | None      # old key (UPDATE of a key, DELETE)
+    new: dict | None      # new tuple (INSERT, UPDATE)
+
+
+def parse_change(line: str, want: frozenset[str] | set[str] | None = None) -> Change | None:
+    """One line of test_decoding output; None for BEGIN/COMMIT/messages. With ``want`` (key columns),
+    a tuple is parsed only until those are found."""
+    m = _HEAD.match(line)
+    if not m:
+        return None
+    table, action, rest = m.group("table"), m.group("action"), m.group("rest").strip()
+    if action == "TRUNCATE":
+        return Change(table, action, None, None)
+    if rest == "(no-tuple-data)":
+        return Change(table, action, None, None)
+    if action == "INSERT":
+        return Change(table, action, None, parse_fields(rest, want))
+    if action == "DELETE":
+        return Change(table, action, parse_fields(rest, want), None)
+    if rest.startswith("old-key: "):  # UPDATE that changed the key (or with replica identity full)
+        old, new = rest[len("old-key: "):].split(" new-tuple: ", 1)
+        return Change(table, action, parse_fields(old, want), parse_fields(new, want))
+    if rest.startswith("new-tuple: "):
+        rest = rest[len("new-tuple: "):]
+    return Change(table, action, None, parse_fields(rest, want))
+
+
+def _bare(qualified: str, schema: str) -> str | None:
+    """public.issues -> issues; None for another schema."""
+    parts = []
+    i = 0
+    while i < len(qualified):
+        if qualified[i] == '"':
+            name, i = _ident(qualified, i)
+        else:
+            j = qualified.find(".", i)
+            j = len(qualified) if j < 0 else j
+            name, i = qualified[i:j], j
+        parts.append(name)
+        i += 1  # the dot
+    if len(parts) == 1:
+        return parts[0]
+    return parts[1] if parts[0] == schema else None
+
+
+@dataclass
+class CapturedChanges:
+    """Keys written per table since the slot was created. ``rescan``: tables whose changes could not be
+    keyed and need the fallback scan."""
+    keys: dict[str, set[tuple]] = field(default_factory=dict)
+    rescan: dict[str, str] = field(default_factory=dict)
+    changes: int = 0
+
+    def of(self, table: str) -> set[tuple]:
+        return self.keys.get(table, set())
+
+
+def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str]], schema: str = "public",
+                 batch: int = 5000) -> CapturedChanges:
+    """The keys (``tables``: table -> key columns) of every row inserted, updated or deleted on the
+    source since the slot was created, without consuming the slot. Writes to a partition count for
+    its partitioned table. Streams the change lines; only keys are kept."""
+    roots: dict[str, str | None] = {}
+
+    def root(t: str) -> str | None:
+        if t not in roots:
+            r = conn.execute("SELECT c.relname FROM pg_partition_root(to_regclass(%s)) p JOIN pg_class c ON c.oid = p",
+                             (f"{qident(schema)}.{qident(t)}",)).fetchone() if t not in tables else None
+            roots[t] = t if t in tables else (r[0] if r and r[0] in tables else None)
+        return roots[t]
+
+    out = CapturedChanges()
+    wanted = {t: frozenset(k) for t, k in tables.items()}
+    if not slot_exists(conn, name):
+        raise CaptureUnavailable(f"replication slot {name} does not exist (dropped or invalidated)")
+    upto = flush_point(conn)
+    with conn.transaction():
+        with conn.cursor(name="om_changes") as cur:
+            cur.itersize = batch
+            try:
+                cur.execute("SELECT data FROM pg_logical_slot_peek_changes(%s, %s::pg_lsn, NULL, 'include-xids', '0', "
+                            "'skip-empty-xacts', '1')", (name, upto))
+                lines = iter(cur)
+                for (line,) in lines:
+                    if not line.startswith("table "):
+                        continue
+                    head = _HEAD.match(line)
+                    if head is None:
+                        continue
+                    bare = _bare(head.group("table"), schema)
+                    t = root(bare) if bare is not None else None
+                    if t is None:
+                        continue
+                    ch = parse_change(line, wanted[t])
+                    out.changes += 1
+                    key = tables[t]
+                    if ch.action == "TRUNCATE":
+                        out.rescan[t] = "truncated on the source"
+                        continue
+                    got = False
+                    for tup in (ch.old, ch.new):
+                        if tup and all(c in tup and tup[c] != "unchanged-toast-datum" for c in key):
+                            out.keys.setdefault(t, set()).add(tuple(tup[c] for c in key))
+                            got = True
+                    if not got:
+                        out.rescan[t] = f"a {ch.action} without its key columns ({', '.join(key)}) in the change stream"
+            except psycopg.Error as e:
+                raise CaptureUnavailable(str(e).strip()) from e
+    return out
+
+
+def qident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

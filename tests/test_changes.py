@@ -1,0 +1,137 @@
+"""Change capture (orgmover.changes) against a real PostgreSQL 18 with wal_level=logical: the keys of
+rows written after the slot opened, for awkward tables and values; and the write window of a real
+move with the slot and, when the slot is gone, with the fallback scan."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from orgmover import changes
+from orgmover.cli import run_move
+from verify import check_move, snapshot
+
+
+@pytest.fixture()
+def scratch(devenv):
+    """A database of its own on the legacy cluster, with a capture slot; dropped afterwards."""
+    legacy = devenv.load()["cells"][0]
+    cluster = devenv.cluster("legacy", legacy["port"])
+    name = "capture_test"
+    cluster.create_database(name)
+    dsn = cluster.uri(name)
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("""
+            CREATE TABLE "Odd Table" (id bigint PRIMARY KEY, "Title" text, tags text[], at timestamptz, big text);
+            CREATE TABLE pairs (a integer, b text, v text, PRIMARY KEY (a, b));
+            CREATE TABLE builds (id bigint, partition_id integer, name text, PRIMARY KEY (id, partition_id))
+              PARTITION BY LIST (partition_id);
+            CREATE TABLE builds_100 PARTITION OF builds FOR VALUES IN (100);
+            CREATE TABLE builds_101 PARTITION OF builds FOR VALUES IN (101);
+            CREATE TABLE keyless (u integer NOT NULL UNIQUE, v text);
+            CREATE TABLE wiped (id bigint PRIMARY KEY);
+            CREATE TABLE other (id bigint PRIMARY KEY);
+            INSERT INTO "Odd Table" VALUES (1, 'before', '{a}', now(), repeat('x', 100000));
+            INSERT INTO keyless VALUES (1, 'a'), (2, 'b');
+            INSERT INTO wiped VALUES (1);
+            INSERT INTO pairs VALUES (7, 'it''s', 'v');
+        """)
+        slot = "orgmover_capture_test"
+        changes.create_slot(c, slot)
+        yield c, slot
+        changes.drop_slot(c, slot)
+    with psycopg.connect(cluster.uri("postgres"), autocommit=True) as c:
+        c.execute(f"DROP DATABASE {name}")
+
+
+def test_keys_of_rows_written_after_the_slot(scratch):
+    c, slot = scratch
+    c.execute("""INSERT INTO "Odd Table" VALUES (2, 'it''s "quoted" : UPDATE: x', '{"a b",c}', now(), NULL)""")
+    c.execute("""UPDATE "Odd Table" SET "Title" = 'after' WHERE id = 1""")  # big (toasted) column unchanged
+    c.execute("""UPDATE "Odd Table" SET id = 3 WHERE id = 2""")  # a key update: both keys count
+    c.execute("INSERT INTO pairs VALUES (8, 'with space', 'v'), (9, 'x''y', NULL)")
+    c.execute("DELETE FROM pairs WHERE a = 7")
+    c.execute("INSERT INTO builds VALUES (10, 100, 'a'), (11, 101, 'b')")
+    c.execute("UPDATE builds SET name = 'c' WHERE id = 11")
+    c.execute("UPDATE keyless SET v = 'changed' WHERE u = 1")
+    c.execute("DELETE FROM keyless WHERE u = 2")  # no key data in a delete: the table needs the scan
+    c.execute("TRUNCATE wiped")
+    c.execute("INSERT INTO other VALUES (1)")  # not asked for
+    c.execute("BEGIN; INSERT INTO pairs VALUES (99, 'rolled back', NULL); ROLLBACK")
+    tables = {"Odd Table": ["id"], "pairs": ["a", "b"], "builds": ["id", "partition_id"], "keyless": ["u"], "wiped": ["id"]}
+    got = changes.read_changes(c, slot, tables)
+    assert got.of("Odd Table") == {("1",), ("2",), ("3",)}
+    assert got.of("pairs") == {("7", "it's"), ("8", "with space"), ("9", "x'y")}
+    assert got.of("builds") == {("10", "100"), ("11", "101")}  # partitions count for their parent
+    assert got.of("keyless") == {("1",)}
+    assert set(got.rescan) == {"keyless", "wiped"}
+    assert "DELETE" in got.rescan["keyless"] and "truncated" in got.rescan["wiped"]
+    assert "other" not in got.keys
+    # reading does not consume: a retried window task sees the same keys
+    assert changes.read_changes(c, slot, tables).keys == got.keys
+
+
+def test_missing_slot_is_reported_not_ignored(scratch):
+    c, _ = scratch
+    with pytest.raises(changes.CaptureUnavailable, match="does not exist"):
+        changes.read_changes(c, "orgmover_no_such_slot", {"pairs": ["a", "b"]})
+
+
+def _slots(dsn):
+    with psycopg.connect(dsn) as c:
+        return {r[0] for r in c.execute("SELECT slot_name FROM pg_replication_slots")}
+
+
+def _change_org(dsn, org_id, other_org_id):
+    """While the org is writable: edit a note, add an event, delete a label link, and move one event
+    to another organization's project (it must leave the target; the other org's rows stay)."""
+    with psycopg.connect(dsn) as c:
+        proj = "SELECT id FROM projects WHERE organization_id = %s ORDER BY id LIMIT 1"
+        c.execute(f"UPDATE notes SET note = 'edited in the copy phase ' || %s WHERE id = (SELECT min(id) FROM notes "
+                  f"WHERE project_id IN ({proj}))", (str(org_id), org_id))
+        c.execute(f"INSERT INTO events (project_id, author_id, action, target_type) SELECT project_id, author_id, 9, "
+                  f"'Capture' FROM events WHERE project_id IN ({proj}) LIMIT 1", (org_id,))
+        c.execute("DELETE FROM label_links WHERE id = (SELECT min(l.id) FROM label_links l JOIN labels b ON "
+                  "b.id = l.label_id JOIN projects p ON p.id = b.project_id WHERE p.organization_id = %s)", (org_id,))
+        moved = c.execute(f"UPDATE events SET project_id = ({proj}) WHERE id = (SELECT max(id) FROM events WHERE "
+                          f"project_id IN ({proj}) AND target_type IS DISTINCT FROM 'Capture') RETURNING id",
+                          (other_org_id, org_id)).fetchone()[0]
+    return moved
+
+
+@pytest.mark.parametrize("org_name, slot", [("xi", "kept"), ("omicron", "lost")])
+def test_window_with_and_without_the_capture_slot(devenv, seeded, ctx, org_name, slot):
+    org, other = seeded[org_name], seeded["iota"]
+    src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
+    legacy_key = devenv.resolve_cell("legacy").db_key_base
+    dst_before = snapshot(dst_dsn, devenv.resolve_cell("cell-1").db_key_base)
+    seen = {}
+
+    def before_window(mid):
+        name = changes.slot_name(mid)
+        assert name in _slots(src_dsn)  # opened before the pre-copy
+        if slot == "lost":  # e.g. invalidated by max_slot_wal_keep_size, or dropped by a release
+            with psycopg.connect(src_dsn, autocommit=True) as c:
+                changes.drop_slot(c, name)
+        seen["moved"] = _change_org(src_dsn, org.id, other.id)
+        seen["src"] = snapshot(src_dsn, legacy_key)
+
+    mid = run_move(ctx, org.id, "legacy", "cell-1", before_window=before_window)
+    m = ctx.tracking.get(mid)
+    assert m["state"] == "completed"
+    assert changes.slot_name(mid) not in _slots(src_dsn)  # never left behind to hold the source's WAL
+    details = {t["table_name"]: t["sync_detail"] for t in ctx.tracking.tables(mid) if t["sync_detail"]}
+    modes = {d["mode"] for d in details.values()}
+    assert modes == ({"captured"} if slot == "kept" else {"scan"})
+    assert details["notes"]["changed"] == 1 and details["events"]["changed"] == 1
+    if slot == "kept":
+        assert details["events"]["absent_keys"] == [[str(seen["moved"])]]
+        assert sum(1 for d in details.values() if d.get("keys")) == 3  # only the tables written to were read
+    expected = dict(org.rows)
+    expected["label_links"] -= 1
+    after_src = snapshot(src_dsn, legacy_key)
+    assert check_move(seen["src"], after_src, dst_before, snapshot(dst_dsn, devenv.resolve_cell("cell-1").db_key_base),
+                      expected) == []
+    with psycopg.connect(dst_dsn) as c:
+        assert c.execute("SELECT count(*) FROM events WHERE id = %s", (seen["moved"],)).fetchone()[0] == 0
+        assert c.execute("SELECT count(*) FROM notes WHERE note = %s", (f"edited in the copy phase {org.id}",)).fetchone()[0] == 1
