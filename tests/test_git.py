@@ -15,7 +15,7 @@ import pytest
 from orgmover.errors import OrgMoverError
 from orgmover.git import (ZERO_CHECKSUM, GitError, GitStorage, GitTimeout, alternates_of, checksums_equal,
                           count_objects, create_fork, create_pool_from, fsck_connectivity, hashed_disk_path, list_refs,
-                          repository_checksum, seed_repository, sync_repository)
+                          refs_fingerprint, repository_checksum, seed_repository, sync_repository)
 
 ENV = {**os.environ, "GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "T",
        "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_AUTHOR_DATE": "1700000000 +0000",
@@ -172,6 +172,47 @@ def test_incremental_sync(tmp_path, seeded):
     again = sync_repository(seeded, dst)
     assert (again["created"], again["updated"], again["deleted"], again["bytes"]) == (0, 0, 0, 0)
     assert again["method"] == "noop"
+
+
+def test_refs_fingerprint_changes_with_every_kind_of_ref_update(tmp_path, seeded):
+    """The cheap change detector of the replication passes (read from the ref files, no git process): every
+    update a user can make to refs changes it, and reading it changes nothing."""
+    assert refs_fingerprint(tmp_path / "nothing.git") is None
+    seen = {refs_fingerprint(seeded)}
+    assert refs_fingerprint(seeded) in seen  # stable while nothing changes
+    refs = list_refs(seeded)
+    main, f2 = refs["refs/heads/main"], refs["refs/heads/feature-2"]
+
+    def changed(step: str) -> None:
+        fp = refs_fingerprint(seeded)
+        assert fp not in seen, f"fingerprint unchanged after {step}"
+        seen.add(fp)
+
+    pushed = new_commit(seeded, main, "pushed")
+    git(seeded, "update-ref", "refs/heads/main", pushed, main)
+    changed("a push")
+    git(seeded, "update-ref", "refs/heads/feature-2", new_commit(seeded, f"{f2}~1", "rewritten"), f2)
+    changed("a force-push")
+    git(seeded, "pack-refs", "--all")  # every ref into packed-refs: then updates rewrite packed-refs or add loose refs
+    changed("pack-refs")
+    git(seeded, "update-ref", "-d", "refs/heads/feature-3")  # a packed ref deleted: packed-refs rewritten
+    changed("deleting a packed branch")
+    git(seeded, "update-ref", "-d", "refs/tags/v1.0.0")
+    changed("deleting a tag")
+    git(seeded, "tag", "-a", "-m", "new", "v9.0.0", pushed)
+    changed("a new annotated tag")
+    git(seeded, "update-ref", "refs/merge-requests/99/head", pushed)
+    changed("a new merge-request ref")
+    git(seeded, "symbolic-ref", "HEAD", "refs/heads/feature-2")
+    changed("a new default branch")
+    # a copy with the same refs has the same fingerprint when its ref files are alike (a fresh mirror packs
+    # its refs, so it differs from a source with loose refs: a sync that finds nothing to do, never a miss)
+    dst = tmp_path / "dst.git"
+    sync_repository(seeded, dst)
+    git(seeded, "pack-refs", "--all")
+    git(dst, "pack-refs", "--all")
+    assert list_refs(dst) == list_refs(seeded)
+    assert refs_fingerprint(dst) == refs_fingerprint(seeded)
 
 
 def test_sync_handles_ref_renames_head_changes_and_deletions_only(tmp_path, seeded):

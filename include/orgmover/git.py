@@ -38,7 +38,7 @@ from orgmover.errors import OrgMoverError
 
 __all__ = [
     "GitError", "GitTimeout", "GitStorage", "ZERO_CHECKSUM", "CHECKSUM_REF_PREFIXES", "hashed_disk_path", "sha256_hex",
-    "repository_checksum", "checksums_equal", "list_refs", "alternates_of", "is_repository", "sync_repository",
+    "repository_checksum", "refs_fingerprint", "checksums_equal", "list_refs", "alternates_of", "is_repository", "sync_repository",
     "seed_repository", "create_pool_from", "create_fork", "count_objects", "fsck_connectivity",
 ]
 
@@ -344,6 +344,43 @@ def repository_checksum(repo: Path | str) -> str | None:
         return None
     p = _git(repo, "show-ref", "--head", ok=(0, 1), what="calculating the checksum")  # 1: no refs at all
     return _format_checksum(_checksum_of_lines(p.stdout.decode().splitlines()))
+
+
+def refs_fingerprint(repo: Path | str) -> str | None:
+    """A cheap identity of the repository's refs, read from its files without running git: SHA-256 over HEAD,
+    ``packed-refs`` and every loose ref (name and content), or, for the reftable backend, over HEAD and
+    ``reftable/tables.list`` (tables are immutable, the list changes with every update). ``None`` when
+    ``repo`` is not a repository.
+
+    Any ref update (push, force-push, new or deleted branch or tag, a changed default branch) changes it; a
+    change that leaves the refs as they were may change it too (``git pack-refs`` moves loose refs into
+    ``packed-refs``), which only costs a sync that finds nothing to do. For change detection between passes;
+    verification uses :func:`repository_checksum`."""
+    repo = Path(repo)
+    if not is_repository(repo):
+        return None
+    h = hashlib.sha256()
+
+    def add(name: str, path: Path) -> None:
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return
+        h.update(b"%d:%s\0%d:" % (len(name), name.encode(), len(data)) + data)
+
+    add("HEAD", repo / "HEAD")
+    if (repo / "reftable").is_dir():
+        add("reftable/tables.list", repo / "reftable" / "tables.list")
+        return "reftable:" + h.hexdigest()
+    add("packed-refs", repo / "packed-refs")
+    loose = []
+    for d, dirs, files in os.walk(repo / "refs"):
+        for f in files:
+            if not f.endswith(".lock"):
+                loose.append(os.path.join(d, f))
+    for f in sorted(loose):
+        add(os.path.relpath(f, repo), Path(f))
+    return h.hexdigest()
 
 
 def checksums_equal(a: str | None, b: str | None) -> bool:
