@@ -28,8 +28,10 @@ from orgmover.objects import (
     ObjectInfo,
     S3Store,
     artifact_path,
+    fingerprint,
     free_port,
     lfs_path,
+    list_infos,
     object_checksum,
     package_path,
     seed_objects,
@@ -356,6 +358,41 @@ def test_memory_stays_bounded_on_a_64_mib_object(servers, target):
     assert r["action"] == "copied", r
     assert peak < size * 3 / 8, f"peak {peak / MiB:.1f} MiB while copying a {size // MiB} MiB object"
     assert object_checksum(dst, "m/huge", deep=True) == info.sha256  # recomputed by streaming the target
+
+
+@pytest.mark.parametrize("kind", ["src", "gcs"])
+def test_list_infos_fingerprints_from_listings(servers, kind):
+    """The replication scan reads fingerprints from listings: where the org's keys are dense a request covers
+    up to 1000 of them, where they are sparse among other objects never more requests than keys; missing keys
+    are None; a listed fingerprint equals the one a HEAD gives (also for a multipart object), and a rewrite
+    with the same size changes it."""
+    store = bucket(servers, kind)
+    rnd = random.Random(20)
+    dense = [artifact_path(7, date(2024, 1, 1 + i % 28), 1000 + i, i, "artifacts.zip") for i in range(600)]
+    sparse = [artifact_path(100 + p, date(2024, 2, 1), 5000 + p, p, "artifacts.zip") for p in range(0, 400, 16)]
+    foreign = [artifact_path(100 + p, date(2024, 2, 1), 5000 + p, p, "artifacts.zip") for p in range(400) if p % 16]
+    seed_objects(store, rnd, [(k, 40) for k in dense + sparse + foreign], workers=8)
+    big = "big/multipart.bin"
+    seed_objects(store, rnd, [(big, PART_SIZE + 1000)])
+    missing = ["0-missing/one", dense[5] + ".missing", "zz/missing"]
+
+    c1: dict = {}
+    infos = list_infos(store, dense + missing, counts=c1)
+    assert set(infos) == set(dense + missing) and all(infos[k] is None for k in missing)
+    assert all(infos[k] is not None and infos[k].size == 40 for k in dense)
+    assert c1["heads"] == 0 and 1 <= c1["list_requests"] <= 6, c1  # 3 runs of ~200 keys, not 603 HEADs
+
+    c2: dict = {}
+    infos = list_infos(store, sparse + [big], counts=c2)
+    assert c2["heads"] == 0 and c2["list_requests"] <= len(sparse) + 1, c2
+    for k in sparse + [big]:
+        assert fingerprint(infos[k]) == fingerprint(store.head(k)) is not None, k
+    assert infos[big].size == PART_SIZE + 1000
+
+    before = fingerprint(store.head(sparse[3]))
+    seed_objects(store, random.Random(21), [(sparse[3], 40)])  # same key, same size, new bytes
+    after = list_infos(store, [sparse[3]])[sparse[3]]
+    assert fingerprint(after) != before and fingerprint(after) == fingerprint(store.head(sparse[3]))
 
 
 def test_object_info_shape():
