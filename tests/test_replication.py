@@ -117,3 +117,31 @@ def test_timeout_gives_a_readable_list_of_what_is_stuck(registry, tmp_path):
     assert "1 items not synced and verified" in report
     assert "ghost" in report and "missing on source" in report and "failed" in report
     assert _rows(registry)["ghost"]["state"] == FAILED
+
+
+def test_register_in_bulk_sends_back_only_what_changed(registry):
+    """register reads the registered fingerprints once and writes only new and changed rows: unchanged rows keep
+    their state (synced and verified), changed ones go back to pending with a new generation, an item listed
+    twice counts once, other kinds are left alone."""
+    items = [Replicable("blob", f"k{i:05d}", 10, f"fp{i}", {"n": i}) for i in range(3000)]
+    registry.register([Replicable("other", "k00000", 1, "x")])
+    assert registry.register(items + items[:5]) == {"new": 3000, "changed": 0}
+    with registry.t.conn() as c:
+        c.execute("UPDATE orgmover.replicables SET state = 2, verification_state = 2 WHERE migration_id = %s", (registry.mid,))
+    assert registry.register(items) == {"new": 0, "changed": 0}
+    moved = {f"k{i:05d}" for i in range(0, 3000, 500)}
+    again = [Replicable("blob", it.key, 11, "new-" + it.fingerprint, {"n": -1}) if it.key in moved else it for it in items]
+    again += [Replicable("blob", "k99998", 1, "a"), Replicable("blob", "k99999", 1, None)]
+    assert registry.register(again) == {"new": 2, "changed": len(moved)}
+    with registry.t.conn() as c:
+        blob = {r["key"]: r for r in c.execute("SELECT * FROM orgmover.replicables WHERE migration_id = %s AND kind = 'blob'",
+                                               (registry.mid,))}
+        other = c.execute("SELECT * FROM orgmover.replicables WHERE migration_id = %s AND kind = 'other'",
+                          (registry.mid,)).fetchone()
+    for key in moved:
+        r = blob[key]
+        assert (r["state"], r["verification_state"], r["generation"], r["size"], r["meta"]) == (PENDING, 0, 1, 11, {"n": -1})
+    assert all(r["state"] == SYNCED and r["generation"] == 0 for k, r in blob.items() if k not in moved and k < "k9")
+    assert blob["k99998"]["state"] == PENDING and blob["k99999"]["fingerprint"] is None
+    assert other["state"] == SYNCED and other["fingerprint"] == "x"
+    assert registry.register([]) == {"new": 0, "changed": 0}

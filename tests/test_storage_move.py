@@ -19,7 +19,14 @@ def test_storage_moves_with_the_org_including_late_changes(devenv, seeded, ctx):
     src_cell, dst_cell = devenv.resolve_cell("legacy"), devenv.resolve_cell("cell-1")
     late = {}
 
+    def registry_rows(mid):
+        with ctx.tracking.conn() as c:
+            return {(r["kind"], r["key"]): r for r in c.execute(
+                "SELECT kind, key, generation, last_synced_at, verified_at, state, verification_state "
+                "FROM orgmover.replicables WHERE migration_id = %s", (mid,))}
+
     def change_the_source(mid):
+        late["before"] = registry_rows(mid)
         with psycopg.connect(src_cell.dsn) as c:
             disk, shard = c.execute("SELECT r.disk_path, s.name FROM project_repositories r JOIN projects p ON p.id = r.project_id "
                                     "JOIN shards s ON s.id = r.shard_id WHERE p.organization_id = %s AND p.pool_repository_id "
@@ -59,5 +66,11 @@ def test_storage_moves_with_the_org_including_late_changes(devenv, seeded, ctx):
     # cell-1 keeps artifacts on GCS: the org's artifacts went from S3 to the GCS emulator
     assert isinstance(dst_cell.storage.store("artifacts"), objects.GCSStore)
     assert any(True for _ in dst_cell.storage.store("artifacts").list())
+    # the window pass synced and verified what changed, and nothing else
+    after = registry_rows(mid)
+    resynced = {k for k, r in after.items() if k not in late["before"] or r["last_synced_at"] != late["before"][k]["last_synced_at"]}
+    assert resynced == {("repository", f"{shard}:{disk}.git"), ("object", f"uploads:{key}"),
+                        ("container_repository", late["image"])}, resynced
+    assert all(r["state"] == 2 and r["verification_state"] == 2 for r in after.values())
     report = (ctx.reports_dir / f"migration-{mid}-validation.txt").read_text()
     assert "Non-database data" in report and "repository" in report and "container_repository" in report

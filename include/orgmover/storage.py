@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,8 +91,7 @@ class RepositoryHandler:
                 return
             if not path.exists() and not required:
                 return
-            items.append(Replicable(self.kind, f"{storage}:{disk_path}{suffix}", None,
-                                    git.repository_checksum(path) if path.exists() else None,
+            items.append(Replicable(self.kind, f"{storage}:{disk_path}{suffix}", None, git.refs_fingerprint(path),
                                     {"storage": storage, "disk_path": disk_path, "suffix": suffix, "role": role, "pool": pool}))
 
         pools = {}
@@ -172,12 +172,32 @@ class ObjectHandler:
             self._stores[(side, t)] = (self.src if side == "src" else self.dst).store(t)
         return self._stores[(side, t)]
 
-    def scan(self) -> list[Replicable]:
-        items = []
-        for t, key, size in object_keys(self.conn, self.plan):
-            info = self._store("src", t).head(key)
-            fp = None if info is None else f"{info.size}:{info.sha256 or info.md5}"
-            items.append(Replicable(self.kind, f"{t}:{key}", info.size if info else size, fp, {"type": t, "key": key}))
+    def scan(self, workers: int = 8) -> list[Replicable]:
+        """Every object the rows reference, fingerprinted from listings of the source buckets (size + ETag; a
+        listing request covers up to 1000 keys) rather than a HEAD per object; object types in parallel."""
+        refs = object_keys(self.conn, self.plan)
+        by_type: dict[str, list[str]] = {}
+        for t, key, _ in refs:
+            by_type.setdefault(t, []).append(key)
+        for t in by_type:
+            self._store("src", t)  # made here, not concurrently in the threads
+        counts = {t: {} for t in by_type}
+
+        def one(t: str) -> tuple[str, dict]:
+            return t, objects.list_infos(self._store("src", t), by_type[t], workers=max(1, workers // len(by_type)),
+                                         counts=counts[t])
+
+        with ThreadPoolExecutor(max(1, len(by_type))) as ex:
+            infos = dict(ex.map(one, by_type))
+        self.list_counts = {k: sum(c.get(k, 0) for c in counts.values()) for k in ("list_requests", "heads")}
+        items, seen = [], set()
+        for t, key, size in refs:
+            if (t, key) in seen:  # an LFS object several rows reference
+                continue
+            seen.add((t, key))
+            info = infos[t].get(key)
+            items.append(Replicable(self.kind, f"{t}:{key}", info.size if info else size, objects.fingerprint(info),
+                                    {"type": t, "key": key}))
         return items
 
     def sync(self, item: Replicable) -> int:
@@ -226,9 +246,13 @@ class ContainerHandler:
         pairs = sorted((t, (client.head_manifest(repo, t) or registry.ManifestRef("", "", 0)).digest) for t in tags)
         return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
-    def scan(self) -> list[Replicable]:
-        return [Replicable(self.kind, path, None, self._digests(self.src, path), {"path": path})
-                for path in container_paths(self.conn, self.plan)]
+    def scan(self, workers: int = 8) -> list[Replicable]:
+        """Each image repository's tags and their manifest digests (one tags list + one HEAD per tag), repositories
+        in parallel (HTTP round trips, not CPU)."""
+        paths = container_paths(self.conn, self.plan)
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            digests = list(ex.map(lambda p: self._digests(self.src, p), paths))
+        return [Replicable(self.kind, path, None, d, {"path": path}) for path, d in zip(paths, digests)]
 
     def sync(self, item: Replicable) -> int:
         res = registry.sync_repository(self.src, self.dst, item.key)
@@ -236,6 +260,15 @@ class ContainerHandler:
 
     def checksums(self, item: Replicable) -> tuple[str | None, str | None]:
         return self._digests(self.src, item.key), self._digests(self.dst, item.key)
+
+
+def scan_all(hs: list) -> list[tuple[object, list[Replicable]]]:
+    """``[(handler, handler.scan())]``, the handlers scanning at the same time: their costs are round trips
+    to different servers (the file system, the object store, the registry), which overlap."""
+    if len(hs) <= 1:
+        return [(h, h.scan()) for h in hs]
+    with ThreadPoolExecutor(len(hs), thread_name_prefix="scan") as ex:
+        return list(zip(hs, ex.map(lambda h: h.scan(), hs)))
 
 
 def handlers(src_conn: psycopg.Connection, plan: Plan, src: CellStorage, dst: CellStorage) -> list:
