@@ -13,6 +13,8 @@ resumes from what is recorded. Invariants:
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import time
@@ -410,12 +412,12 @@ def prepare_target(ctx: MoveContext, mid: int) -> None:
     copy_shared_rows(ctx, mid, in_window=False)
 
 
-def copy_table(ctx: MoveContext, mid: int, table: str) -> dict:
+def copy_table(ctx: MoveContext, mid: int, table: str, _shared: tuple | None = None) -> dict:
     """Pre-copy one org table chunk by chunk while the org is still writable. Each chunk is one
     target transaction and is recorded when done, so a killed or retried task resumes at the first
-    chunk not recorded as copied, with no duplicate and no missing row."""
-    m = ctx.tracking.get(mid)
-    plan = load_plan(ctx, mid)
+    chunk not recorded as copied, with no duplicate and no missing row. (``_shared``: the migration,
+    plan and a connection factory, from :func:`copy_tables`.)"""
+    m, plan, connections = _shared or (ctx.tracking.get(mid), load_plan(ctx, mid), None)
     tp = plan.tables.get(table)
     if tp is None or tp.strategy != "org":
         raise StateError(f"{table} is not an org table of migration #{mid}")
@@ -434,20 +436,25 @@ def copy_table(ctx: MoveContext, mid: int, table: str) -> dict:
     t0 = time.monotonic()
     if len(todo) < len(chunks):
         ctx.log(f"{table}: resuming at chunk {todo[0]['chunk_no'] + 1} of {len(chunks)}")
+    rows = sum(c["rows"] for c in chunks if c["state"] == "copied")
+    nbytes = sum(c["bytes"] for c in chunks if c["state"] == "copied")
     try:
-        with src_cell.connect() as src, dst_cell.connect() as dst:
+        with contextlib.ExitStack() as stack:
+            if connections is None:
+                src, dst = stack.enter_context(src_cell.connect()), stack.enter_context(dst_cell.connect())
+            else:
+                src, dst = connections()
             transform = _transformer(src, dst, plan, tp, src_cell, dst_cell)
             for c in todo:
                 ctx.tracking.update_chunk(mid, table, c["chunk_no"], state="copying", attempts=c["attempts"] + 1)
                 before = progress.bytes
-                rows = copy_chunk(src, dst, plan, tp, column, c["lo"], c["hi"], transform, progress,
-                                  fresh=c["attempts"] == 0 and c["state"] == "pending")
-                ctx.tracking.update_chunk(mid, table, c["chunk_no"], state="copied", rows=rows, bytes=progress.bytes - before)
+                n = copy_chunk(src, dst, plan, tp, column, c["lo"], c["hi"], transform, progress,
+                               fresh=c["attempts"] == 0 and c["state"] == "pending")
+                ctx.tracking.update_chunk(mid, table, c["chunk_no"], state="copied", rows=n, bytes=progress.bytes - before)
+                rows, nbytes = rows + n, nbytes + progress.bytes - before
     except Exception as e:
         ctx.tracking.update_table(mid, table, state="failed", error=str(e)[:2000])
         raise
-    chunks = ctx.tracking.chunks(mid, table)
-    rows, nbytes = sum(c["rows"] for c in chunks), sum(c["bytes"] for c in chunks)
     ctx.tracking.update_table(mid, table, state="copied", rows_copied=rows, bytes_copied=nbytes,
                               copy_seconds=time.monotonic() - t0)
     ctx.log(progress.line(final=True) + f" in {len(todo)} chunks")
@@ -455,14 +462,31 @@ def copy_table(ctx: MoveContext, mid: int, table: str) -> dict:
 
 
 def copy_tables(ctx: MoveContext, mid: int, tables: list[str], workers: int = 2) -> list[dict]:
-    """Pre-copy several tables at once, the largest first, each worker with its own connections (what
-    the DAG's mapped copy tasks do across workers; the CLI and the benchmark use this)."""
+    """Pre-copy several tables at once, the largest first; each worker keeps one connection per cell
+    for all its tables (what the DAG's mapped copy tasks do across workers; the CLI and the benchmark
+    use this)."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    plan = load_plan(ctx, mid)
+    m, plan = ctx.tracking.get(mid), load_plan(ctx, mid)
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    local, opened, lock = threading.local(), [], threading.Lock()
+
+    def connections():
+        c = getattr(local, "c", None)
+        if c is None or any(x.closed or x.broken for x in c):
+            c = local.c = (src_cell.connect(), dst_cell.connect())
+            with lock:
+                opened.extend(c)
+        return c
+
     order = sorted(tables, key=lambda t: -(plan.tables[t].est_bytes or 0))
-    with ThreadPoolExecutor(max(1, workers)) as ex:
-        return list(ex.map(lambda t: copy_table(ctx, mid, t), order))
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            return list(ex.map(lambda t: copy_table(ctx, mid, t, (m, plan, connections)), order))
+    finally:
+        for c in opened:
+            c.close()
 
 
 def sync_shared(ctx: MoveContext, mid: int) -> None:
@@ -905,7 +929,7 @@ def _replication(ctx: MoveContext, mid: int):
 def replicate(ctx: MoveContext, mid: int, max_passes: int = 5, in_window: bool = False) -> dict:
     """Register the org's repositories, objects and images in the replication registry, sync and verify
     them; re-scan the source and repeat until a scan finds nothing new or changed (converged)."""
-    from orgmover.storage import handlers
+    from orgmover.storage import handlers, scan_all
 
     m, reg, src_cell, src_st, dst_st = _replication(ctx, mid)
     if in_window:
@@ -917,14 +941,19 @@ def replicate(ctx: MoveContext, mid: int, max_passes: int = 5, in_window: bool =
             ctx.log("no Git storage, object storage or registry configured for the source cell: nothing to replicate")
             return {}
         for n in range(1, max_passes + 1):
+            # cheap fingerprints (refs files, bucket listings, tag digests), registered in bulk: only what
+            # is new or changed goes back to pending, and only that is synced and verified below
             found = {"new": 0, "changed": 0}
-            for h in hs:
-                r = reg.register(h.scan())
+            t_scan = time.monotonic()
+            for h, items in scan_all(hs):
+                r = reg.register(items)
                 found = {k: found[k] + r[k] for k in found}
+            t_sync = time.monotonic()
             for h in hs:
                 reg.run(h, equal=getattr(h, "equal", None), logger=ctx.log)
-            ctx.log(f"replication pass {n}: {found['new']} new, {found['changed']} changed on the source")
-            if n > 1 and not found["new"] and not found["changed"]:
+            ctx.log(f"replication pass {n}: {found['new']} new, {found['changed']} changed on the source (scan "
+                    f"{t_sync - t_scan:.2f}s, sync and verify {time.monotonic() - t_sync:.2f}s)")
+            if not found["new"] and not found["changed"]:  # converged: the registry already had every item as it is
                 break
     status = reg.status()
     ctx.log("replication: " + "; ".join(f"{k} {v['synced']}/{v['total']} synced, {v['verified']} verified"
@@ -946,3 +975,114 @@ def replicate_final(ctx: MoveContext, mid: int) -> dict:
     if not done:
         raise ValidationFailed("repositories, objects or images are not all synced and verified:\n" + report_text)
     return status
+
+
+# ------------------------------------------------------------------------------------------ replication in mapped batches
+# The DAG's replicate group: ``replication_batches`` (scan + register, batch descriptors for mapped tasks),
+# ``replicate_batch`` (one batch), ``replicate`` (converge), ``replicate_due`` (the sensor's passes).
+
+REPLICATION_MAX_BATCHES = 1000  # below Airflow's [core] max_map_length (1024): batches grow instead
+
+
+def replication_batches(ctx: MoveContext, mid: int, size: int | None = None,
+                        max_batches: int = REPLICATION_MAX_BATCHES) -> list[dict]:
+    """Scan the source, register every repository, object and image in the registry, and return what
+    still needs work (not synced and verified) as batches of about ``size`` rows per data type:
+    ``{"kind", "no", "of", "first", "last", "count"}``, a range of registry keys (small whatever the
+    batch size: a mapped task claims the rows of its range)."""
+    from orgmover.storage import handlers
+
+    size = max(1, int(size or os.environ.get("ORGMOVER_REPLICATION_BATCH", "200")))
+    m, reg, src_cell, src_st, dst_st = _replication(ctx, mid)
+    plan = load_plan(ctx, mid)
+    with src_cell.connect() as src:
+        hs = handlers(src, plan, src_st, dst_st)
+        if not hs:
+            ctx.log("no Git storage, object storage or registry configured for the source cell: nothing to replicate")
+            return []
+        found = {"new": 0, "changed": 0}
+        for h in hs:
+            r = reg.register(h.scan())
+            found = {k: found[k] + r[k] for k in found}
+    kinds = [h.kind for h in hs]
+    with ctx.tracking.conn() as c:
+        todo = c.execute("SELECT count(*) AS n FROM orgmover.replicables WHERE migration_id = %s AND kind = ANY(%s) "
+                         "AND NOT (state = 2 AND verification_state = 2)", (mid, kinds)).fetchone()["n"]
+        size = max(size, -(-todo // max(1, max_batches - len(kinds))))
+        rows = c.execute(
+            "SELECT kind, (rn - 1) / %s AS no, min(key) AS first, max(key) AS last, count(*) AS count FROM ("
+            "SELECT kind, key, row_number() OVER (PARTITION BY kind ORDER BY key) AS rn FROM orgmover.replicables "
+            "WHERE migration_id = %s AND kind = ANY(%s) AND NOT (state = 2 AND verification_state = 2)) s "
+            "GROUP BY kind, no ORDER BY kind, no", (size, mid, kinds)).fetchall()
+    of = {k: sum(1 for r in rows if r["kind"] == k) for k in kinds}
+    batches = [{"kind": r["kind"], "no": r["no"] + 1, "of": of[r["kind"]], "first": r["first"], "last": r["last"],
+                "count": r["count"]} for r in rows]
+    ctx.log(f"replication scan: {found['new']} new, {found['changed']} changed on the source; {todo} items to sync "
+            f"in {len(batches)} batches of up to {size}")
+    return batches
+
+
+def replicate_batch(ctx: MoveContext, mid: int, batch: dict, workers: int = 4, rounds: int = 3) -> dict:
+    """Sync and verify the rows of one batch (see :func:`replication_batches`): only rows of its key range
+    that are pending, or failed and due, are claimed; others (synced, started elsewhere, retry not due)
+    are skipped. A row sent back to pending during the pass (changed during its sync, checksum mismatch)
+    is retried up to ``rounds`` claims; what is left is for the converge pass and the sensor."""
+    from orgmover.replication import Registry
+    from orgmover.storage import handlers
+
+    class BatchRegistry(Registry):
+        """Registry whose ``run`` claims only the batch's rows."""
+
+        claims = 0
+
+        def claim(self, kind: str, limit: int = 100) -> list[dict]:
+            self.claims += 1
+            return self.claim_range(kind, batch["first"], batch["last"]) if self.claims <= rounds else []
+
+    m, _, src_cell, src_st, dst_st = _replication(ctx, mid)
+    plan = load_plan(ctx, mid)
+    reg = BatchRegistry(ctx.tracking, mid)
+    with src_cell.connect() as src:
+        h = next((h for h in handlers(src, plan, src_st, dst_st) if h.kind == batch["kind"]), None)
+        if h is None:
+            raise ConfigError(f"cell {m['source_cell']}: no storage configured for {batch['kind']} data")
+        counts = reg.run(h, workers=workers, equal=getattr(h, "equal", None), logger=ctx.log)
+    ctx.log(f"{batch['kind']} batch {batch.get('no', '?')}/{batch.get('of', '?')} ({batch['first']} .. {batch['last']}): "
+            f"{counts['synced']} synced, {counts['verified']} verified, {counts['failed']} failed, {counts['bytes']:,} bytes")
+    return counts
+
+
+def replicate_due(ctx: MoveContext, mid: int) -> dict:
+    """One pass without re-scanning the source: sync and verify what is pending or failed and due (retries
+    with Geo's backoff). Returns the status per data type."""
+    from orgmover.storage import handlers
+
+    m, reg, src_cell, src_st, dst_st = _replication(ctx, mid)
+    plan = load_plan(ctx, mid)
+    with src_cell.connect() as src:
+        for h in handlers(src, plan, src_st, dst_st):
+            reg.run(h, equal=getattr(h, "equal", None), logger=ctx.log)
+    return reg.status()
+
+
+def replication_wait_started(ctx: MoveContext, mid: int, run_id: str | None) -> tuple[float, float]:
+    """(when the wait for 100% synced and verified began, seconds since), epoch seconds of the state
+    database's clock. Recorded in the migration's options on first call so task retries keep counting
+    from it; a new DAG run, or a wait ended by :func:`replication_wait_reset`, starts a new one."""
+    with ctx.tracking.conn() as c:
+        c.execute("UPDATE orgmover.migrations SET options = coalesce(options, '{}'::jsonb) || jsonb_build_object("
+                  "'replication_wait', jsonb_build_object('run_id', %s::text, 'started', extract(epoch FROM now()))), "
+                  "updated_at = now() WHERE id = %s AND (options -> 'replication_wait' IS NULL "
+                  "OR options -> 'replication_wait' ->> 'run_id' IS DISTINCT FROM %s::text)", (run_id, mid, run_id))
+        row = c.execute("SELECT (options -> 'replication_wait' ->> 'started')::float8 AS started, "
+                        "extract(epoch FROM now())::float8 AS now FROM orgmover.migrations WHERE id = %s", (mid,)).fetchone()
+    if row is None or row["started"] is None:
+        raise StateError(f"migration {mid} does not exist")
+    return row["started"], row["now"] - row["started"]
+
+
+def replication_wait_reset(ctx: MoveContext, mid: int) -> None:
+    """Forget the wait's start (after it timed out: clearing the task in the UI then waits afresh)."""
+    with ctx.tracking.conn() as c:
+        c.execute("UPDATE orgmover.migrations SET options = options - 'replication_wait', updated_at = now() "
+                  "WHERE id = %s", (mid,))

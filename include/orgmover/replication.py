@@ -101,27 +101,38 @@ class Registry:
 
     # ------------------------------------------------------------------ scanning
     def register(self, items: Iterable[Replicable]) -> dict:
-        """Insert new items; an item whose fingerprint changed goes back to pending with a new generation."""
-        new = changed = 0
+        """Insert new items; an item whose fingerprint changed goes back to pending with a new generation.
+
+        In bulk, so the cost follows what changed: one query reads the registered fingerprints of the
+        items' kinds, then the new rows are inserted and the changed ones updated in one pipelined batch
+        each (an update applies only while the registered fingerprint still differs)."""
         from psycopg.types.json import Jsonb
 
+        latest: dict[tuple[str, str], Replicable] = {}
+        for it in items:
+            latest[(it.kind, it.key)] = it  # an item listed twice: the last one counts
+        if not latest:
+            return {"new": 0, "changed": 0}
+        kinds = sorted({k for k, _ in latest})
         with self.t.conn() as c:
-            seen = set()
-            for it in items:
-                seen.add((it.kind, it.key))
-                row = c.execute("SELECT fingerprint, state FROM orgmover.replicables WHERE migration_id = %s AND kind = %s "
-                                "AND key = %s FOR UPDATE", (self.mid, it.kind, it.key)).fetchone()
-                if row is None:
-                    c.execute("INSERT INTO orgmover.replicables (migration_id, kind, key, size, meta, fingerprint) "
-                              "VALUES (%s, %s, %s, %s, %s, %s)", (self.mid, it.kind, it.key, it.size, Jsonb(it.meta), it.fingerprint))
-                    new += 1
-                elif row["fingerprint"] != it.fingerprint:
-                    c.execute("UPDATE orgmover.replicables SET fingerprint = %s, size = %s, meta = %s, generation = generation + 1, "
-                              "state = 0, verification_state = 0, retry_at = NULL, missing_on_primary = false "
-                              "WHERE migration_id = %s AND kind = %s AND key = %s",
-                              (it.fingerprint, it.size, Jsonb(it.meta), self.mid, it.kind, it.key))
-                    changed += 1
-        return {"new": new, "changed": changed}
+            known = {(r["kind"], r["key"]): r["fingerprint"] for r in c.execute(
+                "SELECT kind, key, fingerprint FROM orgmover.replicables WHERE migration_id = %s AND kind = ANY(%s)",
+                (self.mid, kinds))}
+            fresh = [it for k, it in latest.items() if k not in known]
+            moved = [it for k, it in latest.items() if k in known and known[k] != it.fingerprint]
+            with c.cursor() as cur:
+                if fresh:
+                    cur.executemany("INSERT INTO orgmover.replicables (migration_id, kind, key, size, meta, fingerprint) "
+                                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                                    [(self.mid, it.kind, it.key, it.size, Jsonb(it.meta), it.fingerprint) for it in fresh])
+                if moved:
+                    cur.executemany("UPDATE orgmover.replicables SET fingerprint = %s, size = %s, meta = %s, "
+                                    "generation = generation + 1, state = 0, verification_state = 0, retry_at = NULL, "
+                                    "missing_on_primary = false WHERE migration_id = %s AND kind = %s AND key = %s "
+                                    "AND fingerprint IS DISTINCT FROM %s",
+                                    [(it.fingerprint, it.size, Jsonb(it.meta), self.mid, it.kind, it.key, it.fingerprint)
+                                     for it in moved])
+        return {"new": len(fresh), "changed": len(moved)}
 
     # ------------------------------------------------------------------ the state machine
     def claim(self, kind: str, limit: int = 100) -> list[dict]:
@@ -198,11 +209,12 @@ class Registry:
             self.mark_verified(item.kind, item.key, src, dst, ok)
             counts["verified" if ok else "mismatch"] += 1
 
-        while True:
-            rows = self.claim(handler.kind, limit=200)
-            if not rows:
-                break
-            with ThreadPoolExecutor(max(1, workers)) as ex:
+        # one pool for every claimed batch: its threads (and their state-database connections) are reused
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            while True:
+                rows = self.claim(handler.kind, limit=200)
+                if not rows:
+                    break
                 list(ex.map(one, rows))
         say(f"{handler.kind}: {counts['synced']} synced, {counts['verified']} verified, {counts['mismatch']} mismatched, "
             f"{counts['failed']} failed")
@@ -243,6 +255,16 @@ class Registry:
             lines.append(f"  {r['kind']:<22} {r['key']}  {STATE_NAMES[r['state']]}, {r['retry_count']} retries"
                          f"{', missing on source' if r['missing_on_primary'] else ''}: {why}")
         return "\n".join(lines)
+
+    def claim_range(self, kind: str, first: str, last: str) -> list[dict]:
+        """Like :meth:`claim`, restricted to one batch: pending (or failed and due) rows of ``kind`` with
+        ``first <= key <= last``, marked started. Rows in any other state are skipped."""
+        with self.t.conn() as c:
+            return c.execute(
+                "UPDATE orgmover.replicables r SET state = 1 FROM (SELECT key FROM orgmover.replicables WHERE migration_id = %s "
+                "AND kind = %s AND key >= %s AND key <= %s AND (state = 0 OR (state = 3 AND (retry_at IS NULL "
+                "OR retry_at <= now()))) ORDER BY key FOR UPDATE SKIP LOCKED) s WHERE r.migration_id = %s AND r.kind = %s "
+                "AND r.key = s.key RETURNING r.*", (self.mid, kind, first, last, self.mid, kind)).fetchall()
 
 
 def wait_until_complete(registry: Registry, handlers: list[Handler], timeout: float, poll: float = 1.0,
