@@ -9,6 +9,9 @@ the same run on the same repositories. Run: .venv/bin/python bench/bench_git.py 
         vs  a second `git clone --mirror` loop (and `--no-local`), and vs `git fetch --prune` in each mirror
 
 orgmover syncs like the DAG would schedule it: the pools first, then every repository with sync_pool=False.
+A fresh target is written by orgmover itself: the object files hard-linked and the refs copied (local), or one
+pack from `git pack-objects --revs` on the source indexed by `git index-pack --stdin` on the target (pack
+protocol, between hosts), instead of `git clone` (see orgmover.git._clone_fresh); the peer keeps `git clone`.
 
 Some repositories use object pools: every group of 8 projects has one pool source, two forks and five plain
 projects. sync_repository keeps the forks on the TARGET pool; `clone --mirror` of a fork points it at the

@@ -151,6 +151,55 @@ def test_full_sync(tmp_path, seeded, how):
                           capture_output=True).stdout == b""
 
 
+@pytest.mark.parametrize("local", [True, False])
+def test_fresh_copy_without_git_clone_is_complete(tmp_path, seeded, local):
+    """A fresh target is written by this module (object files hard-linked, or one pack from pack-objects |
+    index-pack) instead of git clone: git's full fsck passes, refs (a symbolic one too) and HEAD are the
+    source's, a pack without its index in the source is ignored like git ignores it, and a copy interrupted
+    midway (its marker left behind) is made again from scratch."""
+    from orgmover.git import _PARTIAL
+
+    git(seeded, "symbolic-ref", "refs/heads/alias", "refs/heads/main")
+    git(seeded, "symbolic-ref", "HEAD", "refs/heads/feature-1")
+    git(seeded, "pack-refs", "--all")
+    git(seeded, "update-ref", "refs/heads/loose-one", list_refs(seeded)["refs/heads/feature-2"])
+    (seeded / "objects" / "pack" / "pack-0123456789abcdef0123456789abcdef01234567.pack").write_bytes(b"PACK junk")
+    dst = tmp_path / "dst.git"
+    res = sync_repository(seeded, dst, local_clone=local)
+    assert res["method"] == "clone" and res["created"] == len(list_refs(seeded)) - 1
+    assert not (dst / _PARTIAL).exists()
+    assert_same(seeded, dst)
+    assert git(dst, "symbolic-ref", "HEAD") == "refs/heads/feature-1"
+    git(dst, "fsck", "--full", "--strict", "--no-progress")
+    assert git(dst, "config", "core.bare") == "true"
+    if local:  # hard links to the source's immutable object files
+        packs = [p for p in (dst / "objects" / "pack").iterdir() if p.suffix == ".pack"]
+        assert packs and all(p.stat().st_nlink > 1 for p in packs)
+    # interrupted: the marker and half the files of a copy are there; the next sync starts again
+    broken = tmp_path / "broken.git"
+    broken.mkdir()
+    (broken / _PARTIAL).touch()
+    (broken / "HEAD").write_text("ref: refs/heads/main\n")
+    (broken / "objects").mkdir()
+    (broken / "refs").mkdir()
+    res = sync_repository(seeded, broken, local_clone=local)
+    assert res["new_repository"] and res["method"] == "clone" and not (broken / _PARTIAL).exists()
+    assert_same(seeded, broken)
+    fsck_connectivity(broken)
+
+
+def test_repositories_this_module_does_not_write_itself_are_cloned_by_git(tmp_path, seeded):
+    """A shallow source (or reftable, extensions, a partial clone) is left to git clone, and still synced."""
+    shallow = tmp_path / "shallow.git"
+    subprocess.run(["git", "clone", "--bare", "--depth", "1", "-q", f"file://{seeded}", str(shallow)], check=True,
+                   capture_output=True)
+    assert (shallow / "shallow").exists()
+    for local in (True, False):
+        dst = tmp_path / f"dst-{local}.git"
+        res = sync_repository(shallow, dst, local_clone=local)
+        assert res["new_repository"] and list_refs(dst) == list_refs(shallow)
+
+
 def test_incremental_sync(tmp_path, seeded):
     dst = tmp_path / "dst.git"
     sync_repository(seeded, dst)

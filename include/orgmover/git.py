@@ -551,6 +551,8 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
 
     with _locked(dst, deadline):
         src_head = _read_head(src)
+        if (dst / _PARTIAL).exists():  # a fresh copy of ours that was interrupted: made again from scratch
+            _empty_dir(dst)
         exists = is_repository(dst)
         if not exists and any(dst.iterdir()):
             raise GitError(f"cannot sync into {dst}: the directory exists, is not empty and is not a git repository; "
@@ -608,23 +610,31 @@ def sync_repository(src: Path | str, dst: Path | str, *, src_pool: Path | str | 
 
 def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, local: bool, deadline: _Deadline,
                  borrowed: Path | None = None) -> bool:
-    """Make the fresh target ``dst`` with one ``git clone --mirror``. True when done; False (``dst`` empty again)
-    when the caller must init + fetch instead.
+    """Make the fresh target ``dst``. True when done; False (``dst`` empty again) when the caller must init +
+    fetch instead.
 
-    ``local``: git's local clone copies the source's own object files (hard-linked on the same file system;
-    they are immutable). A pool member's clone (git copies the SOURCE's alternates) is then pointed at the
+    ``local``: the source's own object files are hard-linked (copied across file systems; they are immutable)
+    and its refs copied, in this process (:func:`_link_copy`, what ``git clone --mirror --local`` does, without
+    its two git processes); a repository it cannot read that way (reftable, extensions, shallow, partial
+    clone) goes through ``git clone --mirror --local``. A pool member's copy (git copies the SOURCE's alternates) is then pointed at the
     target pool and checked: complete without a check when the source borrowed nothing, or when every object
     file of the source's pool (``borrowed``) is also in the target pool (pack names are content hashes, loose
     objects are named by id; a pool copied by a local clone has the very same files); otherwise git's
     connectivity check over the member's own history (``rev-list --objects --all --not --alternate-refs``),
     which fails when the source relied on objects its pool holds but does not reference: then the caller
-    fetches. Not ``local``: ``clone --no-local`` through the
-    pack protocol, with ``--reference <dst_pool>`` for a pool member so the pool's objects are not sent.
+    fetches. Not ``local`` (a copy between hosts): one pack of exactly the objects the refs need, made by
+    ``git pack-objects`` on the source and indexed by ``git index-pack`` on the target (:func:`_pack_copy`),
+    without the objects the target pool already holds for a pool member; or else ``clone --no-local`` through
+    the pack protocol, with ``--reference <dst_pool>`` for a pool member so the pool's objects are not sent.
     """
     what = f"cloning {src}"
     if local:
-        _git(None, "clone", "--mirror", "--quiet", "--local", "--", str(src), str(dst),
-             timeout=deadline.left(what), what=what)
+        if not _link_copy(src, dst, deadline):
+            _git(None, "clone", "--mirror", "--quiet", "--local", "--", str(src), str(dst),
+                 timeout=deadline.left(what), what=what)
+            _drop_origin(dst, deadline)
+    elif _pack_copy(src, dst, dst_pool, deadline):
+        return True
     elif dst_pool is not None:
         _git(None, "clone", "--mirror", "--quiet", "--no-local", "--reference", str(dst_pool), "--", str(src),
              str(dst), timeout=deadline.left(what), what=what)
@@ -634,7 +644,7 @@ def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, local: bool, deadl
     else:
         _git(None, "clone", "--mirror", "--quiet", "--no-local", "--", str(src), str(dst),
              timeout=deadline.left(what), what=what)
-    _drop_origin(dst, deadline)
+        _drop_origin(dst, deadline)
     if dst_pool is None:
         return True
     _set_alternates(dst, dst_pool)
@@ -649,6 +659,250 @@ def _clone_fresh(src: Path, dst: Path, dst_pool: Path | None, local: bool, deadl
     except GitError:
         _empty_dir(dst)
         return False
+
+
+# ---------------------------------------------------------------------------- fresh copies without git clone
+
+_PARTIAL = "orgmover-partial"  # in a fresh target while this module writes it; removed when the copy is complete
+_BARE_CONFIG = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n"
+_PACK_FILES = (".idx", ".rev", ".bitmap", ".mtimes")  # kept with their pack (not .keep, not temporary files)
+
+
+class _Vanished(Exception):
+    """A source file went away while it was copied (a concurrent repack): the copy is redone by git."""
+
+
+def _plain_files_repository(repo: Path) -> bool:
+    """A bare repository this module may read and write without git: files ref backend, format 0, no
+    extensions, not shallow, not a partial clone, not a worktree."""
+    if (repo / "reftable").exists() or (repo / "shallow").exists() or (repo / "commondir").exists():
+        return False
+    try:
+        cfg = (repo / "config").read_text()
+    except OSError:
+        return False
+    low = cfg.lower()
+    if "[extensions" in low or "repositoryformatversion = 1" in low or "partialclone" in low:
+        return False
+    try:
+        return not any(n.endswith(".promisor") for n in os.listdir(repo / "objects" / "pack"))
+    except FileNotFoundError:
+        return True
+
+
+def _snapshot_refs(repo: Path) -> tuple[list[tuple[str, bytes]], bytes | None, bytes] | None:
+    """(loose refs as (path relative to ``repo``, content), packed-refs content or None, HEAD content), read
+    loose refs first: a ref git packs meanwhile is then still found in packed-refs. None when ``repo`` is
+    not a plain files-backend repository (see :func:`_plain_files_repository`)."""
+    if not _plain_files_repository(repo):
+        return None
+    loose = []
+    for d, _, files in os.walk(repo / "refs"):
+        for f in files:
+            if f.endswith(".lock"):
+                continue
+            path = os.path.join(d, f)
+            try:
+                loose.append((os.path.relpath(path, repo), Path(path).read_bytes()))
+            except FileNotFoundError:  # deleted (or packed) meanwhile: packed-refs, read below, has it if it still exists
+                continue
+    try:
+        packed = (repo / "packed-refs").read_bytes()
+    except FileNotFoundError:
+        packed = None
+    try:
+        head = (repo / "HEAD").read_bytes()
+    except FileNotFoundError:
+        return None
+    return sorted(loose), packed, head
+
+
+def _is_oid(text: str) -> bool:
+    return len(text) == 40 and all(c in "0123456789abcdef" for c in text)
+
+
+def _resolve_snapshot(snap: tuple[list[tuple[str, bytes]], bytes | None, bytes]) -> dict[str, str] | None:
+    """refname -> object id of a :func:`_snapshot_refs` snapshot (loose refs win over packed ones; symbolic
+    refs resolved, dangling ones left out). None when a ref file cannot be understood."""
+    loose, packed, _ = snap
+    values: dict[str, str] = {}
+    for line in (packed or b"").decode(errors="replace").splitlines():
+        if not line or line[0] in "#^":
+            continue
+        oid, _, name = line.partition(" ")
+        if not _is_oid(oid) or not name.startswith("refs/"):
+            return None
+        values[name] = oid
+    for rel, content in loose:
+        values[rel.replace(os.sep, "/")] = content.decode(errors="replace").strip()
+    out: dict[str, str] = {}
+    for name, v in values.items():
+        for _ in range(6):  # a symbolic ref: its target's value (git copies symbolic refs by value too)
+            if not v.startswith("ref: "):
+                break
+            v = values.get(v[5:].strip(), "")
+        if _is_oid(v):
+            out[name] = v
+        elif v and not v.startswith("ref: "):
+            return None  # not an object id: a ref file this module does not understand
+    return out
+
+
+def _object_files(repo: Path) -> list[str]:
+    """The repository's own object files, relative to ``objects/``: loose objects first, then every complete
+    pack (``.pack`` with its ``.idx``) and its ``.rev``/``.bitmap``/``.mtimes``. Loose objects are listed
+    before the packs, so an object a concurrent repack moves from a loose file into a new pack is in one or
+    the other; a file deleted before it is copied makes the copy fail (and be redone by git)."""
+    objdir = repo / "objects"
+    out = []
+    with os.scandir(objdir) as it:
+        fanout = sorted(e.name for e in it if len(e.name) == 2 and e.is_dir(follow_symlinks=False))
+    for d in fanout:
+        try:
+            out += [f"{d}/{n}" for n in os.listdir(objdir / d) if not n.startswith("tmp")]
+        except FileNotFoundError:
+            continue
+    try:
+        names = set(os.listdir(objdir / "pack"))
+    except FileNotFoundError:
+        names = set()
+    for n in sorted(names):
+        if n.startswith("pack-") and n.endswith(".pack") and n[:-5] + ".idx" in names:
+            out += [f"pack/{n[:-5]}{ext}" for ext in (".pack",) + _PACK_FILES if n[:-5] + ext in names]
+    return out
+
+
+def _start_fresh(dst: Path, head: bytes) -> None:
+    for sub in ("objects/pack", "objects/info", "refs/heads", "refs/tags"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+    (dst / _PARTIAL).touch()
+    (dst / "config").write_text(_BARE_CONFIG)
+    (dst / "HEAD").write_bytes(head)
+
+
+def _link_copy(src: Path, dst: Path, deadline: _Deadline) -> bool:
+    """A fresh local copy of ``src`` into the empty ``dst`` without git: refs read first (loose, then
+    packed-refs), then the object files hard-linked (copied when the link fails, e.g. across file systems),
+    then the refs written; HEAD as in the source; ``src``'s alternates are not copied (the caller points a
+    pool member at its target pool). False, with ``dst`` empty again, when ``src`` is not a plain
+    files-backend repository or a file vanished meanwhile: the caller then lets git clone it."""
+    deadline.left(f"copying {src}")
+    snap = _snapshot_refs(src)
+    if snap is None:
+        return False
+    loose, packed, head = snap
+    try:
+        files = _object_files(src)
+        _start_fresh(dst, head)
+        link = True
+        for i, rel in enumerate(files):
+            if i % 256 == 255:
+                deadline.left(f"copying {src}")
+            a, b = src / "objects" / rel, dst / "objects" / rel
+            if "/" in rel and not rel.startswith("pack/"):
+                b.parent.mkdir(exist_ok=True)
+            try:
+                if link:
+                    try:
+                        os.link(a, b)
+                        continue
+                    except FileNotFoundError:
+                        raise
+                    except OSError as e:
+                        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EACCES):
+                            raise
+                        link = False
+                shutil.copyfile(a, b)
+            except FileNotFoundError as e:
+                raise _Vanished(str(a)) from e
+        for rel, content in loose:
+            p = dst / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(content)
+        if packed is not None:
+            (dst / "packed-refs").write_bytes(packed)
+        (dst / _PARTIAL).unlink()
+        return True
+    except GitTimeout:
+        _empty_dir(dst)
+        raise
+    except (_Vanished, OSError):
+        _empty_dir(dst)
+        return False
+
+
+def _pack_copy(src: Path, dst: Path, dst_pool: Path | None, deadline: _Deadline) -> bool:
+    """A fresh copy of ``src`` into the empty ``dst`` as between hosts, in one pack: the refs are read from the
+    files (one snapshot), ``git pack-objects --revs`` on the source packs exactly the objects they reach
+    (minus what the refs of ``dst_pool``, the target pool, reach: the target borrows those) and ``git
+    index-pack --stdin`` on the target indexes it; then the refs are written (one sorted packed-refs) and HEAD
+    copied. Two git processes instead of ``clone --no-local``'s three and its ref negotiation. False, with
+    ``dst`` empty again, when a repository is not plain (see :func:`_plain_files_repository`) or git refused:
+    the caller then clones."""
+    snap = _snapshot_refs(src)
+    refs = _resolve_snapshot(snap) if snap is not None else None
+    pool_snap = _snapshot_refs(dst_pool) if dst_pool is not None else None
+    have = _resolve_snapshot(pool_snap) if pool_snap is not None else ({} if dst_pool is None else None)
+    if refs is None or have is None:
+        return False
+    head = snap[2]
+    tips = set(refs.values())
+    detached = head.decode(errors="replace").strip()
+    if _is_oid(detached):
+        tips.add(detached)
+    try:
+        _start_fresh(dst, head)
+        if dst_pool is not None:
+            _set_alternates(dst, dst_pool)
+        if tips:
+            revs = "".join(f"{o}\n" for o in sorted(tips)) + "".join(f"^{o}\n" for o in sorted(set(have.values())))
+            _pack_pipe(src, dst, revs.encode(), deadline)
+        if refs:
+            (dst / "packed-refs").write_bytes(("# pack-refs with: sorted \n" + "".join(
+                f"{refs[n]} {n}\n" for n in sorted(refs, key=lambda n: n.encode()))).encode())
+        (dst / _PARTIAL).unlink()
+        return True
+    except GitTimeout:
+        _empty_dir(dst)
+        raise
+    except (GitError, OSError):
+        _empty_dir(dst)
+        return False
+
+
+def _pack_pipe(src: Path, dst: Path, revs: bytes, deadline: _Deadline) -> None:
+    """``git -C src pack-objects --revs --stdout < revs | git -C dst index-pack --stdin``, both under the deadline."""
+    what = f"copying the objects of {src}"
+    pack_args = ("pack-objects", "--revs", "--stdout", "-q", "--delta-base-offset")
+    index_args = ("index-pack", "--stdin")
+    with tempfile.TemporaryFile() as err1, tempfile.TemporaryFile() as err2:
+        try:
+            pk = subprocess.Popen(_cmd(src, pack_args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err1,
+                                  env=_env())
+        except FileNotFoundError:
+            raise GitError("the git executable was not found on PATH") from None
+        ix = subprocess.Popen(_cmd(dst, index_args), stdin=pk.stdout, stdout=subprocess.DEVNULL, stderr=err2, env=_env())
+        pk.stdout.close()
+        timeout = deadline.left(what)
+        killed = [_WATCHDOG.watch(pk, timeout), _WATCHDOG.watch(ix, timeout)]
+        try:
+            try:
+                pk.stdin.write(revs)
+                pk.stdin.close()
+            except BrokenPipeError:
+                pass
+            ix.wait()
+            pk.wait()
+        finally:
+            _WATCHDOG.unwatch(pk)
+            _WATCHDOG.unwatch(ix)
+        if any(k.is_set() for k in killed):
+            raise GitTimeout(f"{what} timed out after {timeout:g}s")
+        for p, args, err, repo in ((pk, pack_args, err1, src), (ix, index_args, err2, dst)):
+            if p.returncode != 0:
+                err.seek(0)
+                raise GitError(f"git {args[0]} failed with exit code {p.returncode}{_on(repo)} ({what})",
+                               stderr=err.read().decode(errors="replace"), returncode=p.returncode)
 
 
 def _objects_cover(have: Path, need: Path) -> bool:
