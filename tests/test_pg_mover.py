@@ -75,6 +75,7 @@ def test_corrupted_target_row_is_reported_with_its_key_and_rollback(devenv, seed
     org = seeded["lambda"]
     dst_dsn = devenv.resolve_cell("cell-1").dsn
     corrupted = {}
+    ctx.chunk_rows = 40  # several chunks per table: the checksums per chunk locate the damage
 
     def corrupt_target(mid):
         with psycopg.connect(dst_dsn) as c:
@@ -91,8 +92,10 @@ def test_corrupted_target_row_is_reported_with_its_key_and_rollback(devenv, seed
     assert detail["mismatched"] == 1 and detail["missing_on_target"] == 0 and detail["extra_on_target"] == 0
     assert detail["samples"]["mismatched"] == [f"({corrupted['id']})"]
     assert detail["matching"] == org.rows["issues"] - 1
+    assert detail["chunks"]["total"] > 1 and detail["chunks"]["differ"] == 1  # only that chunk was diffed row by row
     report = (ctx.reports_dir / f"migration-{m['id']}-validation.txt").read_text()
     assert "RESULT: FAILED" in report and f"mismatched 1 (keys ({corrupted['id']}))" in report
+    assert f"chunks: 1 of {detail['chunks']['total']} differ (id in [-inf, " in report
     route = devenv.topology().route(org.id)
     assert route["cell"] == "legacy" and route["maintenance"] is False
 

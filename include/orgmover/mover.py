@@ -493,12 +493,12 @@ def sync_shared(ctx: MoveContext, mid: int) -> None:
     copy_shared_rows(ctx, mid, in_window=True)
 
 
-def sync_all(ctx: MoveContext, mid: int, workers: int = 2) -> list[str]:
+def sync_all(ctx: MoveContext, mid: int, workers: int = 4) -> list[str]:
     """The write window's work in one task: shared rows, every table's changes since the pre-copy
     (tables in parallel, each worker with its own connections), deletions, foreign keys. Returns the
     tables to validate. One task instead of one per table: in the window, per-task overhead is writes
     blocked for nothing."""
-    import threading
+    import queue
     from concurrent.futures import ThreadPoolExecutor
 
     m = ctx.tracking.get(mid)
@@ -506,6 +506,14 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 2) -> list[str]:
     plan = load_plan(ctx, mid)
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
     t0 = time.monotonic()
+    background = ThreadPoolExecutor(1)  # the target's catalog (for the foreign-key check) meanwhile
+
+    def target_catalog():
+        with dst_cell.connect() as c:
+            return read_catalog(c)
+
+    catalog_future = background.submit(target_catalog)
+    background.shutdown(wait=False)
     captured = _captured_changes(ctx, m, src_cell, plan)
     if _needs_shared_sync(plan, captured):
         sync_shared(ctx, mid)
@@ -513,50 +521,57 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 2) -> list[str]:
         ctx.tracking.phase_started(mid, "sync")
         ctx.log("shared rows: none written on the source since the pre-copy, no changed row remaps one")
     rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
-    chunking = {t: (rows[t]["chunk_column"], [c["lo"] for c in ctx.tracking.chunks(mid, t)[1:]])
-                for t in rows if rows[t]["strategy"] == "org"}
-    not_copied = [t for t in chunking if rows[t]["state"] != "copied"]
+    org_tables = sorted(t for t in rows if rows[t]["strategy"] == "org")
+    not_copied = [t for t in org_tables if rows[t]["state"] != "copied"]
     if not_copied:
         raise StateError(f"tables not pre-copied: {', '.join(sorted(not_copied))}; re-run the copy phase")
-    local = threading.local()
+    results: dict[str, dict] = {}
+    work = []
+    for t in org_tables:
+        if captured is not None and t not in captured.rescan and not captured.of(t):
+            results[t] = {"mode": "captured", "changed": 0, "absent_keys": []}
+        else:
+            work.append(t)
+    # one (source, target) connection pair per worker, opened at once
+    pool: queue.SimpleQueue = queue.SimpleQueue()
     opened: list = []
-    lock = threading.Lock()
-
-    def conns():
-        if not hasattr(local, "c"):
-            local.c = (src_cell.connect(), dst_cell.connect(), dst_cell.connect())
-            with lock:
-                opened.extend(local.c)
-        return local.c
+    n = min(max(1, workers), len(work))
+    if n:
+        with ThreadPoolExecutor(n) as ex:
+            for pair in ex.map(lambda _: (src_cell.connect(), dst_cell.connect()), range(n)):
+                opened.extend(pair)
+                pool.put(pair)
 
     def one(table: str) -> tuple[str, dict]:
         tp = plan.tables[table]
-        if captured is not None and table not in captured.rescan:
-            keys = captured.of(table)
-            if not keys:
-                return table, {"mode": "captured", "changed": 0, "absent_keys": []}
-            src, dst, _ = conns()
-            res = sync_keys(src, dst, tp, keys, _transformer(src, dst, plan, tp, src_cell, dst_cell), logger=ctx.log)
-            return table, {"mode": "captured", "keys": len(keys), **res}
-        src, dst, dst2 = conns()
-        column, bounds = chunking[table]
-        if captured is not None:
-            ctx.log(f"sync {table}: {captured.rescan[table]}: scanning the rows written since the pre-copy")
-        return table, {"mode": "scan", **sync_changed_rows(src, dst, plan, tp, column, bounds, m["precopy_xmin"],
-                                                           _transformer(src, dst, plan, tp, src_cell, dst_cell),
-                                                           logger=ctx.log, dst_counts_conn=dst2)}
+        src, dst = pair = pool.get()
+        try:
+            if captured is not None and table not in captured.rescan:
+                keys = captured.of(table)
+                res = sync_keys(src, dst, tp, keys, _transformer(src, dst, plan, tp, src_cell, dst_cell), logger=ctx.log)
+                return table, {"mode": "captured", "keys": len(keys), **res}
+            if captured is not None:
+                ctx.log(f"sync {table}: {captured.rescan[table]}: scanning the rows written since the pre-copy")
+            column, bounds = rows[table]["chunk_column"], [c["lo"] for c in ctx.tracking.chunks(mid, table)[1:]]
+            with dst_cell.connect() as dst2:
+                return table, {"mode": "scan", **sync_changed_rows(src, dst, plan, tp, column, bounds, m["precopy_xmin"],
+                                                                   _transformer(src, dst, plan, tp, src_cell, dst_cell),
+                                                                   logger=ctx.log, dst_counts_conn=dst2)}
+        finally:
+            pool.put(pair)
 
     try:
-        with ThreadPoolExecutor(max(1, workers)) as ex:
-            results = dict(ex.map(one, sorted(chunking)))
+        if work:
+            with ThreadPoolExecutor(n) as ex:
+                results.update(ex.map(one, work))
     finally:
         for c in opened:
             c.close()
-    for table, res in results.items():
-        ctx.tracking.update_table(mid, table, synced_in_window=m["maintenance_window"], sync_detail=res)
+    ctx.tracking.update_tables(mid, {table: {"synced_in_window": m["maintenance_window"], "sync_detail": res}
+                                     for table, res in results.items()})
     ctx.log(f"synced {len(results)} tables in {time.monotonic() - t0:.2f}s: "
             f"{sum(r['changed'] for r in results.values()):,} rows written since the pre-copy")
-    return sync_deletions(ctx, mid, captured)
+    return sync_deletions(ctx, mid, captured, _checked=(m, catalog_future.result()))
 
 
 def _needs_shared_sync(plan: Plan, captured) -> bool:
@@ -585,12 +600,15 @@ def _captured_changes(ctx: MoveContext, m: dict, src_cell: Cell, plan: Plan):
     return got
 
 
-def sync_deletions(ctx: MoveContext, mid: int, captured=None) -> list[str]:
+def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | None = None) -> list[str]:
     """Apply the source's deletions to the target, then check foreign keys; returns the tables to validate.
     With the captured changes, the check reads only the rows the window wrote and the children of the
     rows it deleted."""
-    m = ctx.tracking.get(mid)
-    _require_maintenance(ctx, m)
+    if _checked is None:  # called on its own (sync_all checked maintenance and read the catalog)
+        m, catalog = ctx.tracking.get(mid), None
+        _require_maintenance(ctx, m)
+    else:
+        m, catalog = _checked
     plan = load_plan(ctx, mid)
     rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
     stale = [t for t, r in rows.items() if r["strategy"] == "org" and r["synced_in_window"] != m["maintenance_window"]]
@@ -603,27 +621,31 @@ def sync_deletions(ctx: MoveContext, mid: int, captured=None) -> list[str]:
             column, bounds = _chunking(ctx, mid, t)
             todo.append((plan.tables[t], column, bounds, chunks))
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
-    with src_cell.connect() as src, dst_cell.connect() as dst:
-        apply_deletions(src, dst, plan, todo, logger=ctx.log)
-        by_key = [(plan.tables[t], key_types(src, plan.tables[t]), [tuple(k) for k in r["sync_detail"]["absent_keys"]])
+    with dst_cell.connect() as dst:
+        if todo:
+            with src_cell.connect() as src:
+                apply_deletions(src, dst, plan, todo, logger=ctx.log)
+        by_key = [(plan.tables[t], key_types(dst, plan.tables[t]), [tuple(k) for k in r["sync_detail"]["absent_keys"]])
                   for t, r in sorted(rows.items()) if r["strategy"] == "org" and (r["sync_detail"] or {}).get("absent_keys")]
         gone = delete_absent(dst, plan, by_key, logger=ctx.log)
-    # the pre-copy's foreign keys were checked before the window; here only what the window touched:
-    # tables with rows written or deleted, and tables referencing a table with deletions
-    deleted = {tp.table for tp, *_ in todo} | {t for t, n in gone.items() if n}
-    changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | deleted
-    with dst_cell.connect() as dst:
-        catalog = read_catalog(dst)
+        # the pre-copy's foreign keys were checked before the window; here only what the window touched:
+        # tables with rows written or deleted, and tables referencing a table with deletions
+        deleted = {tp.table for tp, *_ in todo} | {t for t, n in gone.items() if n}
+        changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | deleted
+        catalog = catalog or read_catalog(dst)
         touched = changed | {t for t in plan.tables if any(fk.ref_table in deleted for fk in catalog[t].foreign_keys)}
         only = _touched_rows(dst, plan, catalog, rows, captured, touched, {tp.table for tp, *_ in todo})
-    try:
-        check_foreign_keys(ctx, mid, touched, only, catalog=catalog)
-    except ValidationFailed:
-        if _needs_shared_sync(plan, captured):
-            raise
+        problems = fk_violations(dst, plan, catalog, tables=touched, only=only)
+    if problems and not _needs_shared_sync(plan, captured):
         ctx.log("a written row references a shared row the target lacks: syncing shared rows, then checking again")
         sync_shared(ctx, mid)
+        problems = None
+    if problems is None:
         check_foreign_keys(ctx, mid, touched, only, catalog=catalog)
+    elif problems:
+        raise ValidationFailed("foreign keys of the organization's rows are broken on the target:\n  - " + "\n  - ".join(problems))
+    else:
+        ctx.log(f"foreign keys of the rows the window touched on {m['target_cell']}: all resolved")
     ctx.tracking.phase_finished(mid, "sync")
     ctx.tracking.phase_started(mid, "validate")  # finished by go_no_go
     return sorted(t for t, p in plan.tables.items() if p.strategy != "skip")
@@ -704,7 +726,8 @@ def validate_all(ctx: MoveContext, mid: int) -> dict:
     cells in parallel; row-level diffs and secret comparisons only where needed."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from orgmover.validation import TableValidation, encrypted_diff, lookup_validation, row_diff, table_checksum
+    from orgmover.pgcopy import bucket_sql
+    from orgmover.validation import TableValidation, chunk_checksums, encrypted_diff, lookup_validation, row_diff, total
 
     m = ctx.tracking.get(mid)
     plan = load_plan(ctx, mid)
@@ -718,9 +741,13 @@ def validate_all(ctx: MoveContext, mid: int) -> dict:
     lookups = [t for t in todo if plan.tables[t].strategy == "shared" and not plan.tables[t].insert_missing]
     summed = [t for t in todo if t not in lookups]
 
+    bounds = ctx.tracking.chunk_bounds(mid)
+    chunking = {t: (rows[t]["chunk_column"], bounds.get(t, [])) if plan.tables[t].strategy == "org" else (None, [])
+                for t in summed}
+
     def side(cell, source):
         with cell.connect() as c:
-            return {t: table_checksum(c, plan.tables[t], source) for t in summed}
+            return {t: chunk_checksums(c, plan.tables[t], source, *chunking[t]) for t in summed}
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(2) as ex:
@@ -734,12 +761,21 @@ def validate_all(ctx: MoveContext, mid: int) -> dict:
                 res = lookup_validation(s, d, tp)
                 sn, dn, ss, ds = res.source_rows, res.target_rows, res.source_checksum, res.target_checksum
             else:
-                (sn, ss), (dn, ds) = src_sums[t], dst_sums[t]
+                (sn, ss), (dn, ds) = total(src_sums[t]), total(dst_sums[t])
                 res = TableValidation(t, tp.strategy, sn, dn, ss, ds)
             if tp.encrypted:
                 res.encrypted = encrypted_diff(s, d, tp, src_cell.key, dst_cell.key).to_dict()
             if (sn, ss) != (dn, ds) and t not in lookups:
-                res.diff = row_diff(s, d, tp).to_dict()
+                # the row diff reads only the chunks whose checksums differ
+                sc, dc = src_sums[t], dst_sums[t]
+                differ = sorted(k for k in set(sc) | set(dc) if sc.get(k) != dc.get(k))
+                column, chunk_lo = chunking[t]
+                narrow = f"{bucket_sql(column, chunk_lo)} IN ({', '.join(map(str, differ))})" if column and chunk_lo else "true"
+                diff = row_diff(s, d, tp, narrow=narrow).to_dict()
+                diff["matching"] += sum(sc[k][0] for k in sc if k not in differ)
+                diff["chunks"] = {"total": len(set(sc) | set(dc)), "differ": len(differ),
+                                  "differing_ranges": [_chunk_range(column, chunk_lo, k) for k in differ[:10]]}
+                res.diff = diff
             bad += not res.ok
             ctx.tracking.update_table(mid, t, source_rows=sn, target_rows=dn, source_checksum=ss, target_checksum=ds,
                                       validation_state="passed" if res.ok else "failed", validation_detail=res.to_dict(),
@@ -748,6 +784,15 @@ def validate_all(ctx: MoveContext, mid: int) -> dict:
                 ctx.log(f"validate {t}: MISMATCH {res.to_dict()}")
     ctx.log(f"validated {len(todo)} tables in {time.monotonic() - t0:.2f}s: {len(todo) - bad} match, {bad} differ")
     return {"tables": len(todo), "differ": bad}
+
+
+def _chunk_range(column: str | None, lows: list[int], k: int) -> str:
+    """Readable key range of chunk ``k`` (width_bucket numbering: 0 below the first bound)."""
+    if not column or not lows:
+        return "whole table"
+    lo = lows[k - 1] if k >= 1 else None
+    hi = lows[k] if k < len(lows) else None
+    return f"{column} in [{'-inf' if lo is None else lo}, {'+inf' if hi is None else hi})"
 
 
 def go_no_go(ctx: MoveContext, mid: int) -> Path:

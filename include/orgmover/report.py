@@ -94,6 +94,9 @@ def validation_report(m: dict, tables: list[dict]) -> str:
                            f"(keys {', '.join(s['mismatched']) or '-'}), missing on target {d['missing_on_target']} "
                            f"(keys {', '.join(s['missing_on_target']) or '-'}), extra on target {d['extra_on_target']} "
                            f"(keys {', '.join(s['extra_on_target']) or '-'})")
+                ch = d.get("chunks")
+                if ch and ch["total"] > 1:
+                    out.append(f"    chunks: {ch['differ']} of {ch['total']} differ ({'; '.join(ch['differing_ranges'])})")
             enc = (t.get("validation_detail") or {}).get("encrypted")
             if enc and (enc["mismatched"] or enc["missing_on_target"] or enc["extra_on_target"]):
                 out.append(f"  {t['table_name']}: decrypted secrets differ for keys {', '.join(enc['samples']['mismatched'])}")

@@ -237,6 +237,16 @@ class Tracking:
             c.execute(f"UPDATE orgmover.tables SET {sets}, updated_at = now() WHERE migration_id = %(_m)s AND table_name = %(_t)s",
                       params)
 
+    def update_tables(self, mid: int, fields_by_table: dict[str, dict[str, Any]]) -> None:
+        """Several tables' fields in one transaction."""
+        with self.conn() as c:
+            for name, fields in fields_by_table.items():
+                sets = ", ".join(f"{k} = %({k})s" for k in fields)
+                params = {k: (Jsonb(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+                params.update(_m=mid, _t=name)
+                c.execute(f"UPDATE orgmover.tables SET {sets}, updated_at = now() WHERE migration_id = %(_m)s "
+                          f"AND table_name = %(_t)s", params)
+
     # -------------------------------------------------------------- chunks (resumable copy)
     def init_chunks(self, mid: int, table: str, bounds: list[int]) -> None:
         """Chunks [None, b1), [b1, b2), ..., [bn, None) of a table; kept if already planned."""
@@ -253,6 +263,15 @@ class Tracking:
         with self.conn() as c:
             return c.execute("SELECT * FROM orgmover.chunks WHERE migration_id = %s AND table_name = %s ORDER BY chunk_no",
                              (mid, table)).fetchall()
+
+    def chunk_bounds(self, mid: int) -> dict[str, list[int]]:
+        """Every table's chunk lower bounds (chunks 2..n), in one query."""
+        out: dict[str, list[int]] = {}
+        with self.conn() as c:
+            for r in c.execute("SELECT table_name, lo FROM orgmover.chunks WHERE migration_id = %s AND chunk_no > 0 "
+                               "ORDER BY table_name, chunk_no", (mid,)):
+                out.setdefault(r["table_name"], []).append(r["lo"])
+        return out
 
     def update_chunk(self, mid: int, table: str, no: int, **fields: Any) -> None:
         sets = ", ".join(f"{k} = %({k})s" for k in fields)

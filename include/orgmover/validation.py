@@ -1,7 +1,8 @@
 """Validation: prove the organization's rows on the target are the rows on the source.
 
-Per table, both cells compute the row count and an order-independent checksum (the sum of a
-64-bit hash of each row's text) of exactly the org's rows, in parallel. Columns that legitimately
+Per table and per chunk (the copy's primary-key ranges), both cells compute the row count and an
+order-independent checksum (the sum of a 64-bit hash of each row's text) of exactly the org's rows,
+in one scan per table, the two cells in parallel. Columns that legitimately
 differ between cells are compared by meaning instead of bytes:
 
 * remapped references (``shard_id``, ``lfs_object_id``...) are compared through the referenced
@@ -9,7 +10,7 @@ differ between cells are compared by meaning instead of bytes:
 * encrypted columns are decrypted with each cell's key and compared as plaintext digests, in
   memory, in primary-key order.
 
-On a mismatch :func:`row_diff` streams ``(key, row hash)`` from both cells in key order and
+On a mismatch :func:`row_diff` streams ``(key, row hash)`` of the chunks that differ from both cells in key order and
 merges them, like Vitess VDiff: counts of matching, mismatched, missing-on-target and
 extra-on-target rows with sample keys. Memory stays flat; rows are never held.
 """
@@ -73,14 +74,28 @@ def identity(tp: TablePlan) -> list[str]:
     return tp.match_on if tp.strategy == "shared" else tp.key
 
 
-def checksum_sql(tp: TablePlan, source: bool = False) -> str:
-    return (f"SELECT count(*), coalesce(sum(hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0)::numeric), 0)::text "
-            f"FROM {qi(tp.table)} t WHERE {tp.where}")
+def checksum_sql(tp: TablePlan, source: bool = False, bucket: str = "0") -> str:
+    """Per chunk (``bucket``: an SQL expression giving a row's chunk number), the row count and the
+    sum of the rows' 64-bit hashes, in one scan."""
+    return (f"SELECT {bucket}, count(*), coalesce(sum(hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0)"
+            f"::numeric), 0)::text FROM {qi(tp.table)} t WHERE {tp.where} GROUP BY 1")
+
+
+def chunk_checksums(conn: psycopg.Connection, tp: TablePlan, source: bool = False,
+                    column: str | None = None, bounds: list[int] | None = None) -> dict[int, tuple[int, str]]:
+    """{chunk number: (rows, checksum)} of the org's rows of one table (chunks as in the copy)."""
+    from orgmover.pgcopy import bucket_sql
+
+    return {int(b): (int(n), s) for b, n, s in conn.execute(checksum_sql(tp, source, bucket_sql(column, bounds or [])))}
+
+
+def total(chunks: dict[int, tuple[int, str]]) -> tuple[int, str]:
+    """The table's (rows, checksum) from its chunks'."""
+    return sum(n for n, _ in chunks.values()), str(sum(int(s) for _, s in chunks.values()))
 
 
 def table_checksum(conn: psycopg.Connection, tp: TablePlan, source: bool = False) -> tuple[int, str]:
-    n, s = conn.execute(checksum_sql(tp, source)).fetchone()
-    return int(n), s
+    return total(chunk_checksums(conn, tp, source))
 
 
 @dataclass
@@ -99,11 +114,12 @@ class DiffResult:
         return asdict(self)
 
 
-def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, name: str, batch: int = 10000, source: bool = False):
+def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, name: str, batch: int = 10000, source: bool = False,
+                  narrow: str = "true"):
     vm = tp.value_map if (source and tp.strategy == "shared") else {}
     key = "ROW(" + ", ".join(_mapped(f"t.{qi(c)}", vm) if vm else f"t.{qi(c)}" for c in identity(tp)) + ")::text"
     sql = (f"SELECT {key} AS k, hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0) AS h "
-           f"FROM {qi(tp.table)} t WHERE {tp.where} ORDER BY {key} COLLATE \"C\"")
+           f"FROM {qi(tp.table)} t WHERE ({tp.where}) AND ({narrow}) ORDER BY {key} COLLATE \"C\"")
     with conn.transaction():
         with conn.cursor(name=name) as cur:
             cur.itersize = batch
@@ -139,9 +155,13 @@ def _merge_diff(src_iter, dst_iter, samples: int) -> DiffResult:
     return res
 
 
-def row_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, samples: int = 10) -> DiffResult:
-    """Row-level diff of the org's rows of one table (streamed merge in key order)."""
-    return _merge_diff(_keyed_hashes(src, tp, "om_diff_src", source=True), _keyed_hashes(dst, tp, "om_diff_dst"), samples)
+def row_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, samples: int = 10,
+             narrow: str = "true") -> DiffResult:
+    """Row-level diff of the org's rows of one table (streamed merge in key order); ``narrow``: only
+    the rows of the chunks whose checksums differ. Rows outside it matched by chunk checksum and are
+    not counted."""
+    return _merge_diff(_keyed_hashes(src, tp, "om_diff_src", source=True, narrow=narrow),
+                       _keyed_hashes(dst, tp, "om_diff_dst", narrow=narrow), samples)
 
 
 def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, name: str):
