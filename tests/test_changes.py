@@ -7,7 +7,8 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from orgmover import changes
+from orgmover import changes, mover
+from orgmover.errors import ValidationFailed
 from orgmover.cli import run_move
 from verify import check_move, snapshot
 
@@ -135,3 +136,41 @@ def test_window_with_and_without_the_capture_slot(devenv, seeded, ctx, org_name,
     with psycopg.connect(dst_dsn) as c:
         assert c.execute("SELECT count(*) FROM events WHERE id = %s", (seen["moved"],)).fetchone()[0] == 0
         assert c.execute("SELECT count(*) FROM notes WHERE note = %s", (f"edited in the copy phase {org.id}",)).fetchone()[0] == 1
+
+
+def test_window_validation_uses_the_baseline_and_still_catches_any_write(devenv, seeded, ctx):
+    """After the pre-copy both cells' chunks are checksummed (the baseline) and a slot opens on the
+    target too. In the window only rows written since, on either cell, are compared (row by row):
+    a row changed on the target behind the mover's back is found, with its key."""
+    org = seeded["pi"]
+    src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
+    seen = {}
+
+    def before_window(mid):
+        assert changes.slot_name(mid) + "_target" in _slots(dst_dsn)
+        base = {t["table_name"]: t["baseline"] for t in ctx.tracking.tables(mid) if t["strategy"] == "org"}
+        assert base["issues"]["src"] == base["issues"]["dst"]
+        with psycopg.connect(dst_dsn) as c:
+            seen["bad"] = c.execute("UPDATE merge_requests SET title = 'bit rot' WHERE id = (SELECT min(m.id) FROM "
+                                    "merge_requests m JOIN projects p ON p.id = m.target_project_id WHERE "
+                                    "p.organization_id = %s) RETURNING id", (org.id,)).fetchone()[0]
+        with psycopg.connect(src_dsn) as c:
+            c.execute("UPDATE issues SET title = title || ' (edited)' WHERE id = (SELECT min(i.id) FROM issues i "
+                      "JOIN namespaces n ON n.id = i.namespace_id WHERE n.organization_id = %s)", (org.id,))
+
+    with pytest.raises(ValidationFailed, match="1 tables differ between cells: merge_requests"):
+        run_move(ctx, org.id, "legacy", "cell-1", before_window=before_window)
+    m = ctx.tracking.latest_for_org(org.id)
+    detail = {t["table_name"]: t["validation_detail"] for t in ctx.tracking.tables(m["id"])}
+    assert detail["merge_requests"]["incremental"]["written_rows_compared"] == 1
+    assert detail["merge_requests"]["written"]["mismatched"] == 1
+    assert detail["merge_requests"]["written"]["samples"]["mismatched"] == [f"({seen['bad']})"]
+    assert detail["issues"]["incremental"]["written_rows_compared"] == 1 and detail["issues"]["ok"]
+    assert detail["notes"]["incremental"]["written_rows_compared"] == 0 and detail["notes"]["ok"]
+    report = (ctx.reports_dir / f"migration-{m['id']}-validation.txt").read_text()
+    assert f"merge_requests: rows written since the baseline: mismatched 1 (keys ({seen['bad']}))" in report
+    assert devenv.topology().route(org.id)["cell"] == "legacy"
+    # released: both slots dropped; a rollback cleans the target
+    assert changes.slot_name(m["id"]) not in _slots(src_dsn)
+    assert changes.slot_name(m["id"]) + "_target" not in _slots(dst_dsn)
+    mover.rollback(ctx, m["id"])

@@ -71,7 +71,8 @@ def test_changes_after_precopy_are_synced_in_the_window(devenv, seeded, ctx):
     assert _org_count(devenv.resolve_cell("cell-1").dsn, ISSUES_OF_ORG, org.id) == org.rows["issues"] - 1
 
 
-def test_corrupted_target_row_is_reported_with_its_key_and_rollback(devenv, seeded, ctx):
+def test_corrupted_target_row_is_reported_with_its_key_and_rollback(devenv, seeded, ctx, monkeypatch):
+    monkeypatch.setenv("ORGMOVER_FULL_VALIDATION", "1")  # every chunk (tests/test_changes.py: the incremental one)
     org = seeded["lambda"]
     dst_dsn = devenv.resolve_cell("cell-1").dsn
     corrupted = {}

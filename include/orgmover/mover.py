@@ -190,6 +190,7 @@ def preflight(ctx: MoveContext, org_id: int, source: str, target: str, run_id: s
               value_maps: dict | None = None) -> int:
     """Run every check; on success create (or adopt an unfinished) migration. Changes no cell.
     ``value_maps`` maps shared rows matched on one column, e.g. {"shards": {"storage-2": "default"}}."""
+    ctx.tracking.ensure_schema()  # the mover's own tables, upgraded in place (idempotent), once per run
     res = run_checks(ctx, org_id, source, target, value_maps)
     for n in res.notes:
         ctx.log(n)
@@ -392,20 +393,23 @@ def _open_capture(ctx: MoveContext, mid: int, src) -> None:
 
 
 def _close_capture(ctx: MoveContext, m: dict) -> None:
-    """Drop the capture slot: a slot keeps the source's WAL. A resumed migration falls back to the scan."""
+    """Drop the capture slots (source, and the target's for validation): a slot keeps its cell's WAL.
+    A resumed migration falls back to the scan and to a full validation."""
     from orgmover import changes
 
-    name = (m.get("options") or {}).get("capture_slot")
-    if not name:
-        return
-    try:
-        with ctx.cell(m["source_cell"]).connect() as src:
-            if changes.drop_slot(src, name):
-                ctx.log(f"change capture: replication slot {name} dropped")
-    except Exception as e:  # never block a switch or a release on it; say so loudly
-        ctx.tracking.event(m["id"], "warning", f"could not drop replication slot {name} on {m['source_cell']}: {e}; "
-                                               f"drop it by hand, it retains WAL")
-        ctx.log(f"WARNING: could not drop replication slot {name} on {m['source_cell']}: {e}")
+    opts = m.get("options") or {}
+    for key, cell in (("capture_slot", m["source_cell"]), ("capture_target_slot", m["target_cell"])):
+        name = opts.get(key)
+        if not name:
+            continue
+        try:
+            with ctx.cell(cell).connect() as c:
+                if changes.drop_slot(c, name):
+                    ctx.log(f"change capture: replication slot {name} on {cell} dropped")
+        except Exception as e:  # never block a switch or a release on it; say so loudly
+            ctx.tracking.event(m["id"], "warning", f"could not drop replication slot {name} on {cell}: {e}; "
+                                                   f"drop it by hand, it retains WAL")
+            ctx.log(f"WARNING: could not drop replication slot {name} on {cell}: {e}")
 
 
 def prepare_target(ctx: MoveContext, mid: int) -> None:
@@ -580,12 +584,14 @@ def _needs_shared_sync(plan: Plan, captured) -> bool:
     return any(plan.tables[t].strategy == "shared" or plan.tables[t].remaps for t, keys in captured.keys.items() if keys)
 
 
-def _captured_changes(ctx: MoveContext, m: dict, src_cell: Cell, plan: Plan):
-    """The keys written on the source since the pre-copy, from the capture slot; None when there is no
-    usable slot (never opened, dropped by a release, invalidated): then every table is scanned."""
+def _captured_changes(ctx: MoveContext, m: dict, src_cell: Cell, plan: Plan, slot_option: str = "capture_slot"):
+    """The keys written on the source since the pre-copy, from the capture slot (or, with
+    ``slot_option="capture_target_slot"`` and the target cell, on the target since the baseline); None
+    when there is no usable slot (never opened, dropped by a release, invalidated): then every table is
+    scanned (validated in full)."""
     from orgmover import changes
 
-    name = (m.get("options") or {}).get("capture_slot")
+    name = (m.get("options") or {}).get(slot_option)
     if not name:
         return None
     t0 = time.monotonic()
@@ -595,7 +601,7 @@ def _captured_changes(ctx: MoveContext, m: dict, src_cell: Cell, plan: Plan):
     except changes.CaptureUnavailable as e:
         ctx.log(f"change capture: {e}; scanning the rows written since the pre-copy instead")
         return None
-    ctx.log(f"change capture: {got.changes:,} row changes in the plan's tables since the pre-copy "
+    ctx.log(f"change capture on {src_cell.name}: {got.changes:,} row changes in the plan's tables since the pre-copy "
             f"({sum(len(k) for k in got.keys.values()):,} keys in {len(got.keys)} tables) read in {time.monotonic() - t0:.2f}s")
     return got
 
@@ -709,11 +715,13 @@ def check_foreign_keys(ctx: MoveContext, mid: int, tables: set[str] | None = Non
 
 
 def precopy_done(ctx: MoveContext, mid: int) -> None:
+    """After the pre-copy: every foreign key resolved on the target, and the baseline checksums."""
     m = ctx.tracking.get(mid)
     pending = [t["table_name"] for t in ctx.tracking.tables(mid) if t["strategy"] == "org" and t["state"] != "copied"]
     if pending:
         raise StateError(f"tables not pre-copied: {', '.join(pending)}")
     check_foreign_keys(ctx, mid)
+    prevalidate(ctx, mid)
     if m["state"] == "copying":
         ctx.tracking.update(mid, state="copied")
     ctx.tracking.phase_finished(mid, "copy")
@@ -721,38 +729,135 @@ def precopy_done(ctx: MoveContext, mid: int) -> None:
 
 # ------------------------------------------------------------------------------------------ validate
 
-def validate_all(ctx: MoveContext, mid: int) -> dict:
-    """Validate every table in one task: each cell computes all checksums on its own connection, the two
-    cells in parallel; row-level diffs and secret comparisons only where needed."""
+def _chunk_sums_both(src_cell: Cell, dst_cell: Cell, plan: Plan, tables: list[str], chunking: dict,
+                     only: dict[str, list[int]] | None = None) -> tuple[dict, dict]:
+    """Per table, {chunk: (rows, checksum)} on each cell (all chunks, or ``only[table]``'s), each cell
+    on its own connection, the two cells in parallel."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from orgmover.validation import chunk_checksums
+
+    only = only or {}
+
+    def side(cell, source):
+        with cell.connect() as c:
+            return {t: chunk_checksums(c, plan.tables[t], source, *chunking[t], only=only.get(t)) for t in tables}
+
+    with ThreadPoolExecutor(2) as ex:
+        fs, fd = ex.submit(side, src_cell, True), ex.submit(side, dst_cell, False)
+        return fs.result(), fd.result()
+
+
+def _chunking_of(ctx: MoveContext, mid: int, plan: Plan, rows: dict, tables: list[str]) -> dict:
+    bounds = ctx.tracking.chunk_bounds(mid)
+    return {t: (rows[t]["chunk_column"], bounds.get(t, [])) if plan.tables[t].strategy == "org" else (None, [])
+            for t in tables}
+
+
+def prevalidate(ctx: MoveContext, mid: int) -> dict:
+    """Checksums per chunk of every org table on both cells after the pre-copy, while the org is still
+    writable: the baseline of the write window's validation, which then re-checks only the chunks
+    written since (found by change capture) and the chunks that differed here."""
+    m, plan = ctx.tracking.get(mid), load_plan(ctx, mid)
+    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
+    org = sorted(t for t, r in rows.items() if r["strategy"] == "org")
+    chunking = _chunking_of(ctx, mid, plan, rows, org)
+    _open_target_capture(ctx, mid)
+    at = datetime.now(timezone.utc).isoformat()
+    t0 = time.monotonic()
+    src, dst = _chunk_sums_both(ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"]), plan, org, chunking)
+    differ = 0
+    updates = {}
+    for t in org:
+        enc = lambda d: {str(k): list(v) for k, v in d.items()}  # noqa: E731
+        updates[t] = {"baseline": {"at": at, "src": enc(src[t]), "dst": enc(dst[t])}}
+        differ += sum(1 for k in set(src[t]) | set(dst[t]) if src[t].get(k) != dst[t].get(k))
+    ctx.tracking.update_tables(mid, updates)
+    ctx.log(f"baseline checksums of {sum(len(v) for v in src.values())} chunks in {len(org)} tables in "
+            f"{time.monotonic() - t0:.2f}s ({differ} chunks differ: written since their copy, re-checked in the window)")
+    return {"tables": len(org), "chunks_differ": differ}
+
+
+def _open_target_capture(ctx: MoveContext, mid: int) -> None:
+    """A slot on the target too, before the baseline: whatever writes the org's tables there after it
+    (the window's sync, or anyone else) marks those chunks for re-checking."""
+    from orgmover import changes
+
+    m = ctx.tracking.get(mid)
+    name = changes.slot_name(mid) + "_target"
+    try:
+        with ctx.cell(m["target_cell"]).connect() as dst:
+            changes.create_slot(dst, name)
+    except changes.CaptureUnavailable as e:
+        ctx.log(f"change capture unavailable on the target ({e}); the window's validation will check every chunk")
+        return
+    ctx.tracking.update(mid, options={**(m.get("options") or {}), "capture_target_slot": name})
+
+
+def _incremental_chunks(plan: Plan, rows: dict, chunking: dict, captured, m: dict) -> dict[str, list[int]]:
+    """Per org table validated incrementally, the chunks to checksum again: those that differed in the
+    baseline (rows written since are compared row by row). Tables without a baseline, or synced by
+    the fallback scan, are left out (checked in full)."""
+    out: dict[str, list[int]] = {}
+    for t, (column, lows) in chunking.items():
+        tp, r = plan.tables[t], rows[t]
+        base, detail = r.get("baseline"), r.get("sync_detail") or {}
+        if (tp.strategy != "org" or not base or t in captured.rescan or detail.get("mode") != "captured"
+                or r.get("synced_in_window") != m["maintenance_window"]):
+            continue
+        bs, bd = base["src"], base["dst"]
+        out[t] = sorted({int(k) for k in set(bs) | set(bd) if bs.get(k) != bd.get(k)})
+    return out
+
+
+def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bool = False) -> dict:
+    """Validate every table in one task: each cell computes all checksums on its own connection, the two
+    cells in parallel; row-level diffs and secret comparisons only where needed.
+
+    In the write window, with a baseline from :func:`prevalidate` and the captured changes, only the
+    chunks written since (and those that differed in the baseline) are checksummed again; the others'
+    checksums from the baseline stand, since nothing wrote to them on either cell. ``full`` (or the
+    migration option ``full_validation``, or ``ORGMOVER_FULL_VALIDATION=1``) checks every chunk; ``again``
+    re-checks tables that already passed in this window."""
     from orgmover.pgcopy import bucket_sql
-    from orgmover.validation import TableValidation, chunk_checksums, encrypted_diff, lookup_validation, row_diff, total
+    from orgmover.validation import TableValidation, encrypted_diff, lookup_validation, row_diff, total
 
     m = ctx.tracking.get(mid)
     plan = load_plan(ctx, mid)
     rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
-    todo = [t for t, r in sorted(rows.items()) if not (r["validated_in_window"] == m["maintenance_window"]
-                                                       and r["validation_state"] == "passed")]
+    todo = [t for t, r in sorted(rows.items()) if again or not (r["validated_in_window"] == m["maintenance_window"]
+                                                                and r["validation_state"] == "passed")]
     if m["state"] == "quiesced":
         ctx.tracking.update(mid, state="validating")
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
 
     lookups = [t for t in todo if plan.tables[t].strategy == "shared" and not plan.tables[t].insert_missing]
     summed = [t for t in todo if t not in lookups]
-
-    bounds = ctx.tracking.chunk_bounds(mid)
-    chunking = {t: (rows[t]["chunk_column"], bounds.get(t, [])) if plan.tables[t].strategy == "org" else (None, [])
-                for t in summed}
-
-    def side(cell, source):
-        with cell.connect() as c:
-            return {t: chunk_checksums(c, plan.tables[t], source, *chunking[t]) for t in summed}
-
+    chunking = _chunking_of(ctx, mid, plan, rows, summed)
+    if full is None:
+        full = bool((m.get("options") or {}).get("full_validation")) or os.environ.get("ORGMOVER_FULL_VALIDATION") == "1"
     t0 = time.monotonic()
-    with ThreadPoolExecutor(2) as ex:
-        fs, fd = ex.submit(side, src_cell, True), ex.submit(side, dst_cell, False)
-        src_sums, dst_sums = fs.result(), fd.result()
+    only: dict[str, list[int]] = {}
+    if not full and m["maintenance_window"]:
+        captured = _captured_changes(ctx, m, src_cell, plan)
+        on_target = _captured_changes(ctx, m, dst_cell, plan, "capture_target_slot") if captured is not None else None
+        if captured is not None and on_target is not None:
+            for t, keys in on_target.keys.items():  # written on either cell since the baseline
+                captured.keys.setdefault(t, set()).update(keys)
+            captured.rescan.update(on_target.rescan)
+            only = _incremental_chunks(plan, rows, chunking, captured, m)
+    src_sums, dst_sums = _chunk_sums_both(src_cell, dst_cell, plan, summed, chunking, only)
+    for t, chunks in only.items():  # the chunks not re-checked keep their baseline checksums
+        base = rows[t]["baseline"]
+        for sums, side in ((src_sums, "src"), (dst_sums, "dst")):
+            kept = {int(k): (int(v[0]), v[1]) for k, v in base[side].items() if int(k) not in chunks}
+            sums[t] = {**kept, **sums[t]}
+    if only:
+        n_all = sum(len(set(src_sums[t]) | set(dst_sums[t])) for t in only)
+        n_keys = sum(len(captured.of(t)) for t in only)
+        ctx.log(f"validation in the window: {len(only)} tables against their baseline: {n_keys:,} rows written since "
+                f"compared row by row, {sum(len(c) for c in only.values())} of {n_all} chunks checksummed again "
+                f"(differing in the baseline); {len(summed) - len(only)} tables checked in full")
     bad = 0
     with src_cell.connect() as s, dst_cell.connect() as d:
         for t in todo:
@@ -763,6 +868,9 @@ def validate_all(ctx: MoveContext, mid: int) -> dict:
             else:
                 (sn, ss), (dn, ds) = total(src_sums[t]), total(dst_sums[t])
                 res = TableValidation(t, tp.strategy, sn, dn, ss, ds)
+            if t in only and captured.of(t):  # the rows written since the baseline, on either cell
+                keys = sorted(captured.of(t))
+                res.written = row_diff(s, d, tp, narrow=bind(s, *key_filter(tp, key_types(s, tp), keys))).to_dict()
             if tp.encrypted:
                 res.encrypted = encrypted_diff(s, d, tp, src_cell.key, dst_cell.key).to_dict()
             if (sn, ss) != (dn, ds) and t not in lookups:
@@ -776,9 +884,17 @@ def validate_all(ctx: MoveContext, mid: int) -> dict:
                 diff["chunks"] = {"total": len(set(sc) | set(dc)), "differ": len(differ),
                                   "differing_ranges": [_chunk_range(column, chunk_lo, k) for k in differ[:10]]}
                 res.diff = diff
+            if t in only:
+                res_detail_incremental = {"rechecked_chunks": len(only[t]), "baseline_at": rows[t]["baseline"]["at"],
+                                          "written_rows_compared": len(captured.of(t))}
+            else:
+                res_detail_incremental = None
             bad += not res.ok
+            detail = res.to_dict()
+            if res_detail_incremental:
+                detail["incremental"] = res_detail_incremental
             ctx.tracking.update_table(mid, t, source_rows=sn, target_rows=dn, source_checksum=ss, target_checksum=ds,
-                                      validation_state="passed" if res.ok else "failed", validation_detail=res.to_dict(),
+                                      validation_state="passed" if res.ok else "failed", validation_detail=detail,
                                       validated_in_window=m["maintenance_window"])
             if not res.ok:
                 ctx.log(f"validate {t}: MISMATCH {res.to_dict()}")

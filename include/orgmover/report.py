@@ -81,6 +81,12 @@ def validation_report(m: dict, tables: list[dict]) -> str:
     out.append(table(["table", "strategy", "source rows", "target rows", "checksum equal", "secrets", "result"], rows,
                      "llrrlll"))
     bad = [t for t in tables if t["validation_state"] != "passed"]
+    inc = [(t.get("validation_detail") or {}).get("incremental") for t in tables]
+    inc = [i for i in inc if i]
+    if inc:
+        out += ["", f"{len(inc)} tables validated against the baseline taken after the pre-copy ({inc[0]['baseline_at']}): "
+                    f"their chunks were equal then, {sum(i['written_rows_compared'] for i in inc):,} rows written since on "
+                    f"either cell (change capture) compared row by row now; row counts are the baseline's."]
     out.append("")
     if not bad:
         out.append(f"RESULT: PASSED: {len(tables)} tables identical on both cells.")
@@ -97,6 +103,13 @@ def validation_report(m: dict, tables: list[dict]) -> str:
                 ch = d.get("chunks")
                 if ch and ch["total"] > 1:
                     out.append(f"    chunks: {ch['differ']} of {ch['total']} differ ({'; '.join(ch['differing_ranges'])})")
+            w = (t.get("validation_detail") or {}).get("written")
+            if w and (w["mismatched"] or w["missing_on_target"] or w["extra_on_target"]):
+                s = w["samples"]
+                out.append(f"  {t['table_name']}: rows written since the baseline: mismatched {w['mismatched']} "
+                           f"(keys {', '.join(s['mismatched']) or '-'}), missing on target {w['missing_on_target']} "
+                           f"(keys {', '.join(s['missing_on_target']) or '-'}), extra on target {w['extra_on_target']} "
+                           f"(keys {', '.join(s['extra_on_target']) or '-'})")
             enc = (t.get("validation_detail") or {}).get("encrypted")
             if enc and (enc["mismatched"] or enc["missing_on_target"] or enc["extra_on_target"]):
                 out.append(f"  {t['table_name']}: decrypted secrets differ for keys {', '.join(enc['samples']['mismatched'])}")

@@ -79,6 +79,7 @@ ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS chunk_column text;
 ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS validated_in_window integer;
 ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS synced_in_window integer;
 ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS sync_detail jsonb;
+ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS baseline jsonb;
 CREATE TABLE IF NOT EXISTS orgmover.chunks (
   migration_id bigint NOT NULL REFERENCES orgmover.migrations(id) ON DELETE CASCADE,
   table_name text NOT NULL,

@@ -74,19 +74,29 @@ def identity(tp: TablePlan) -> list[str]:
     return tp.match_on if tp.strategy == "shared" else tp.key
 
 
-def checksum_sql(tp: TablePlan, source: bool = False, bucket: str = "0") -> str:
+def checksum_sql(tp: TablePlan, source: bool = False, bucket: str = "0", narrow: str | None = None) -> str:
     """Per chunk (``bucket``: an SQL expression giving a row's chunk number), the row count and the
-    sum of the rows' 64-bit hashes, in one scan."""
+    sum of the rows' 64-bit hashes, in one scan (of the rows ``narrow`` selects, when given)."""
+    where = tp.where if narrow is None else f"({tp.where}) AND ({narrow})"
     return (f"SELECT {bucket}, count(*), coalesce(sum(hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0)"
-            f"::numeric), 0)::text FROM {qi(tp.table)} t WHERE {tp.where} GROUP BY 1")
+            f"::numeric), 0)::text FROM {qi(tp.table)} t WHERE {where} GROUP BY 1")
 
 
 def chunk_checksums(conn: psycopg.Connection, tp: TablePlan, source: bool = False,
-                    column: str | None = None, bounds: list[int] | None = None) -> dict[int, tuple[int, str]]:
-    """{chunk number: (rows, checksum)} of the org's rows of one table (chunks as in the copy)."""
-    from orgmover.pgcopy import bucket_sql
+                    column: str | None = None, bounds: list[int] | None = None,
+                    only: list[int] | None = None) -> dict[int, tuple[int, str]]:
+    """{chunk number: (rows, checksum)} of the org's rows of one table (chunks as in the copy);
+    ``only``: just these chunks, read through their key ranges (an empty chunk is left out)."""
+    from orgmover.pgcopy import bucket_sql, range_sql
 
-    return {int(b): (int(n), s) for b, n, s in conn.execute(checksum_sql(tp, source, bucket_sql(column, bounds or [])))}
+    narrow = None
+    if only is not None:
+        if not only:
+            return {}
+        edges = [None, *(bounds or []), None]
+        narrow = " OR ".join(f"({range_sql(column, edges[k], edges[k + 1])})" for k in only) if column and bounds else "true"
+    return {int(b): (int(n), s)
+            for b, n, s in conn.execute(checksum_sql(tp, source, bucket_sql(column, bounds or []), narrow))}
 
 
 def total(chunks: dict[int, tuple[int, str]]) -> tuple[int, str]:
@@ -118,8 +128,9 @@ def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, name: str, batch: int
                   narrow: str = "true"):
     vm = tp.value_map if (source and tp.strategy == "shared") else {}
     key = "ROW(" + ", ".join(_mapped(f"t.{qi(c)}", vm) if vm else f"t.{qi(c)}" for c in identity(tp)) + ")::text"
+    where = tp.where if narrow == "true" else (tp.where_row or tp.where)  # few rows picked: the plain-OR form
     sql = (f"SELECT {key} AS k, hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0) AS h "
-           f"FROM {qi(tp.table)} t WHERE ({tp.where}) AND ({narrow}) ORDER BY {key} COLLATE \"C\"")
+           f"FROM {qi(tp.table)} t WHERE ({where}) AND ({narrow}) ORDER BY {key} COLLATE \"C\"")
     with conn.transaction():
         with conn.cursor(name=name) as cur:
             cur.itersize = batch
@@ -207,12 +218,14 @@ class TableValidation:
     target_checksum: str
     encrypted: dict | None = None
     diff: dict | None = None
+    written: dict | None = None  # incremental validation: the rows written since the baseline, compared by key
 
     @property
     def ok(self) -> bool:
-        enc_ok = self.encrypted is None or not (self.encrypted["mismatched"] or self.encrypted["missing_on_target"]
-                                                 or self.encrypted["extra_on_target"])
-        return self.source_rows == self.target_rows and self.source_checksum == self.target_checksum and enc_ok
+        def clean(d):
+            return d is None or not (d["mismatched"] or d["missing_on_target"] or d["extra_on_target"])
+        return (self.source_rows == self.target_rows and self.source_checksum == self.target_checksum
+                and clean(self.encrypted) and clean(self.written))
 
     def to_dict(self) -> dict:
         d = asdict(self)
