@@ -55,6 +55,9 @@ with DAG(
                          description="Check and plan only, write a report, change nothing"),
         "require_approval": Param(False, type="boolean", title="Require approval",
                                   description="Wait for a person to approve the switch after validation passed"),
+        "full_validation": Param(False, type="boolean", title="Full validation in the window",
+                                 description="Checksum every chunk of every table while writes are blocked, instead of "
+                                             "comparing only the rows written since the baseline taken after the pre-copy"),
         "shard_map": Param({}, type="object", title="Storage mapping",
                            description="Source Gitaly storage name -> target storage name, for storages the target "
                                        "names differently (same names need no entry)"),
@@ -102,7 +105,7 @@ with DAG(
         sync >> storage_final
 
     with TaskGroup("validate", tooltip="counts and checksums on both cells") as g_validate:
-        validate = ValidateAllOperator(task_id="checksums", migration_id=MID)
+        validate = ValidateAllOperator(task_id="checksums", migration_id=MID, full="{{ params.full_validation }}")
         go = GoNoGoOperator(task_id="go_no_go", migration_id=MID, retries=0)
         validate >> go
 

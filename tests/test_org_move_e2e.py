@@ -19,7 +19,7 @@ def _snap(devenv, cell):
 def run(dag, **conf):
     """dag.test with every param given: a DAG object keeps the params of its previous dag.test run."""
     return dag.test(run_conf={"source_cell": "legacy", "target_cell": "cell-1", "dry_run": False,
-                              "require_approval": False, "shard_map": {}, **conf})
+                              "require_approval": False, "shard_map": {}, "full_validation": False, **conf})
 
 
 def _states(dr) -> dict[str, str]:
@@ -41,6 +41,10 @@ def test_move_org_with_the_dag(devenv, seeded, org_move_dag, ctx):
     assert states["replicate.wait_synced_and_verified"] == "success" and states["sync.storage_final_pass"] == "success"
     m = ctx.tracking.latest_for_org(org.id)
     assert m["state"] == "completed" and m["validation"]["ok"] is True
+    # the window re-copied captured keys only and validated against the baseline taken after the pre-copy
+    tables = {t["table_name"]: t for t in ctx.tracking.tables(m["id"])}
+    assert tables["issues"]["sync_detail"]["mode"] == "captured"
+    assert "incremental" in tables["issues"]["validation_detail"]
     summary = (ctx.reports_dir / f"migration-{m['id']}-summary.txt").read_text()
     assert "validation:       PASSED" in summary and "route now:        cell cell-1" in summary
     # the pool repository of alpha's project, shared by beta's fork, is on the target too
@@ -93,8 +97,13 @@ def test_failure_in_precopy_then_resume_completes(devenv, seeded, org_move_dag, 
     assert _snap(devenv, "legacy").tables == src_before.tables
 
     # a new run resumes the same migration: tables already copied are not copied again
-    dr2 = run(org_move_dag, organization_id=org.id)
+    dr2 = run(org_move_dag, organization_id=org.id, full_validation=True)
     assert dr2.state == "success", _states(dr2)
     assert ctx.tracking.latest_for_org(org.id)["id"] == m["id"]
+    # the capture slot opened by the first run (writes were never blocked, so nothing released it) serves
+    # the resumed window; full_validation checked every chunk instead of the baseline's shortcut
+    tables = {t["table_name"]: t for t in ctx.tracking.tables(m["id"])}
+    assert tables["issues"]["sync_detail"]["mode"] == "captured"
+    assert "incremental" not in tables["issues"]["validation_detail"]
     assert check_move(src_before, _snap(devenv, "legacy"), dst_before, _snap(devenv, "cell-1"), org.rows) == []
     assert devenv.topology().route(org.id)["cell"] == "cell-1"

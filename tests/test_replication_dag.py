@@ -113,7 +113,7 @@ def test_trigger_fires_when_a_retry_is_due_not_before(registry, ctx):
 def run(dag, **conf):
     """dag.test with every param given: a DAG object keeps the params of its previous dag.test run."""
     return dag.test(run_conf={"source_cell": "legacy", "target_cell": "cell-1", "dry_run": False,
-                              "require_approval": False, "shard_map": {}, **conf})
+                              "require_approval": False, "shard_map": {}, "full_validation": False, **conf})
 
 
 def _states(dr) -> dict[str, str]:

@@ -151,12 +151,19 @@ class SyncAllOperator(OrgMoveBaseOperator):
 
 class ValidateAllOperator(OrgMoveBaseOperator):
     """Checksums of every table on both cells (each cell on its own connection, in parallel); row-level
-    diff where they differ. Re-running it skips tables already passed in this window."""
+    diff where they differ. In the window, against the baseline: only rows written since are compared,
+    unless ``full``. Re-running it skips tables already passed in this window."""
 
     ui_color = "#f3e8fd"
+    template_fields = ("migration_id", "full")
+
+    def __init__(self, *, full: bool | str = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.full = full
 
     def run_phase(self, context: Any):
-        return mover.validate_all(self.move_context(), self.mid)
+        full = self.full if isinstance(self.full, bool) else str(self.full).strip().lower() == "true"
+        return mover.validate_all(self.move_context(), self.mid, full=full or None)
 
 
 class GoNoGoOperator(OrgMoveBaseOperator):
