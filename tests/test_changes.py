@@ -111,6 +111,9 @@ def test_window_with_and_without_the_capture_slot(devenv, seeded, ctx, org_name,
     def before_window(mid):
         name = changes.slot_name(mid)
         assert name in _slots(src_dsn)  # opened before the pre-copy
+        data, text = mover.summary(ctx, mid)  # what `orgmover show` prints: the slots and the WAL they keep
+        assert {s["slot"] for s in data["capture_slots"]} == {name, name + "_target"}
+        assert "change capture slots still open" in text and "of WAL retained" in text
         if slot == "lost":  # e.g. invalidated by max_slot_wal_keep_size, or dropped by a release
             with psycopg.connect(src_dsn, autocommit=True) as c:
                 changes.drop_slot(c, name)

@@ -1024,6 +1024,25 @@ def rollback(ctx: MoveContext, mid: int) -> dict[str, int]:
     return counts
 
 
+def capture_slots(ctx: MoveContext, m: dict) -> list[dict]:
+    """The migration's capture slots that still exist, with the WAL each keeps on its cell."""
+    from orgmover import changes
+
+    out = []
+    opts = m.get("options") or {}
+    for key, cell in (("capture_slot", m["source_cell"]), ("capture_target_slot", m["target_cell"])):
+        if not opts.get(key):
+            continue
+        try:
+            with ctx.cell(cell).connect() as c:
+                kept = changes.retained_bytes(c, opts[key])
+        except (OrgMoverError, psycopg.Error):
+            continue
+        if kept is not None:
+            out.append({"cell": cell, "slot": opts[key], "retained_bytes": kept})
+    return out
+
+
 def summary(ctx: MoveContext, mid: int) -> tuple[dict, str]:
     m = ctx.tracking.get(mid)
     tables = ctx.tracking.tables(mid)
@@ -1034,6 +1053,12 @@ def summary(ctx: MoveContext, mid: int) -> tuple[dict, str]:
     except OrgMoverError:
         pass
     data, text = report.summary(m, tables, phases, route)
+    slots = capture_slots(ctx, m)
+    if slots:
+        data["capture_slots"] = slots
+        text += "change capture slots still open (they keep WAL until the move completes, is released or rolled back):\n" + \
+            "".join(f"  {s['cell']:<12} {s['slot']:<40} {'gone' if s['retained_bytes'] is None else report.fmt_bytes(s['retained_bytes']) + ' of WAL retained'}\n"
+                    for s in slots)
     ctx.tracking.update(mid, summary=data)
     ctx.reports_dir.mkdir(parents=True, exist_ok=True)
     (ctx.reports_dir / f"migration-{mid}-summary.txt").write_text(text)
