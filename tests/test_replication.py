@@ -105,6 +105,31 @@ def test_corrupted_target_goes_back_to_pending_and_is_resynced(registry, tmp_pat
     assert (dst / "a").read_bytes() == b"a" * 100 and registry.complete()
 
 
+def test_a_target_that_keeps_corrupting_does_not_loop_forever(registry, tmp_path):
+    """Each sync lands damaged (e.g. a faulty target store): after a few re-syncs in one run the item
+    is marked failed with its checksums and waits for its backoff; the run returns."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(), dst.mkdir()
+    (src / "a").write_bytes(b"a" * 100)
+    (src / "b").write_bytes(b"b" * 100)
+
+    class Rotting(FileHandler):
+        def sync(self, item):
+            n = super().sync(item)
+            if item.key == "a":
+                (self.dst / "a").write_bytes(b"rot")
+            return n
+
+    h = Rotting(src, dst)
+    registry.register(h.scan())
+    counts = registry.run(h)
+    rows = _rows(registry)
+    assert counts["mismatch"] == 3 and rows["a"]["state"] == FAILED and rows["a"]["checksum_mismatch"]
+    assert "checksum mismatch after 3 syncs" in rows["a"]["last_sync_failure"]
+    assert rows["b"]["state"] == SYNCED and rows["b"]["verification_state"] == 2
+    assert not registry.complete() and "a" in registry.stuck_report()
+
+
 def test_timeout_gives_a_readable_list_of_what_is_stuck(registry, tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir(), dst.mkdir()

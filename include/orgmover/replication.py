@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ class Handler(Protocol):
     def checksums(self, item: Replicable) -> tuple[str | None, str | None]: ...
 
 
+MAX_MISMATCHES_PER_RUN = 3  # re-syncs of one item in one run before it waits for its backoff
+
+
 class Registry:
     """The replication registry of one migration."""
 
@@ -135,14 +139,15 @@ class Registry:
         return {"new": len(fresh), "changed": len(moved)}
 
     # ------------------------------------------------------------------ the state machine
-    def claim(self, kind: str, limit: int = 100) -> list[dict]:
-        """Pending (or failed and due) rows of ``kind``, marked started."""
+    def claim(self, kind: str, limit: int = 100, exclude: list[str] | None = None) -> list[dict]:
+        """Pending (or failed and due) rows of ``kind``, marked started (not the keys in ``exclude``)."""
         with self.t.conn() as c:
             return c.execute(
                 "UPDATE orgmover.replicables r SET state = 1 FROM (SELECT key FROM orgmover.replicables WHERE migration_id = %s "
                 "AND kind = %s AND (state = 0 OR (state = 3 AND (retry_at IS NULL OR retry_at <= now()))) "
-                "ORDER BY key LIMIT %s FOR UPDATE SKIP LOCKED) s WHERE r.migration_id = %s AND r.kind = %s AND r.key = s.key "
-                "RETURNING r.*", (self.mid, kind, limit, self.mid, kind)).fetchall()
+                "AND NOT (key = ANY(%s)) ORDER BY key LIMIT %s FOR UPDATE SKIP LOCKED) s "
+                "WHERE r.migration_id = %s AND r.kind = %s AND r.key = s.key "
+                "RETURNING r.*", (self.mid, kind, list(exclude or []), limit, self.mid, kind)).fetchall()
 
     def mark_synced(self, kind: str, key: str, generation: int) -> bool:
         """Compare-and-set: only a started row of the same generation becomes synced."""
@@ -208,11 +213,22 @@ class Registry:
             ok = equal(src, dst)
             self.mark_verified(item.kind, item.key, src, dst, ok)
             counts["verified" if ok else "mismatch"] += 1
+            if not ok:
+                with lock:
+                    mismatches[item.key] = mismatches.get(item.key, 0) + 1
+                    again = mismatches[item.key] >= MAX_MISMATCHES_PER_RUN
+                if again:  # the same item keeps differing after a re-sync: stop looping on it, retry with backoff
+                    delay = self.mark_failed(item.kind, item.key, f"checksum mismatch after {MAX_MISMATCHES_PER_RUN} "
+                                                                  f"syncs in a row: source {src}, target {dst}")
+                    say(f"{item.kind} {item.key}: checksums still differ after a re-sync; retry in {delay:.0f}s")
 
         # one pool for every claimed batch: its threads (and their state-database connections) are reused
+        lock = threading.Lock()
+        mismatches: dict[str, int] = {}
         with ThreadPoolExecutor(max(1, workers)) as ex:
             while True:
-                rows = self.claim(handler.kind, limit=200)
+                rows = self.claim(handler.kind, limit=200,
+                                  exclude=[k for k, n in mismatches.items() if n >= MAX_MISMATCHES_PER_RUN])
                 if not rows:
                     break
                 list(ex.map(one, rows))
