@@ -4,7 +4,8 @@ on two local S3 servers (moto, one process each, 127.0.0.1). Run: .venv/bin/pyth
 Seeds N objects (GitLab-shaped keys: artifacts, LFS objects, packages; mostly small, some of a few MiB,
 a few large multipart ones) in a bucket of server A, then copies them to server B with
 
-  orgmover   sync_objects(workers=4): both listings, compare, streaming copy checked in flight
+  orgmover   sync_objects(workers=4): both listings, compare, streaming copy checked in flight (objects up to
+             64 MiB in one PUT, larger ones part for part)
   boto3 loop a plain sequential get_object / put_object loop (whole objects in memory, no compare)
   rclone     `rclone sync` between the two endpoints (when the rclone binary is installed:
              apt-get install -y rclone), --transfers 4 --checkers 8 --fast-list (one recursive listing instead
@@ -37,6 +38,7 @@ import boto3
 from botocore.config import Config
 
 from orgmover.objects import (
+    PART_SIZE,
     MiB,
     LocalS3,
     S3Store,
@@ -136,6 +138,7 @@ def main() -> int:
         a.start()
         b.start()
         src = S3Store(a.endpoint, "src")
+        src.single_put_max = PART_SIZE  # the large source objects are multipart uploads, as GitLab writes them
         src.ensure_bucket()
         t, _ = timed(seed_objects, src, rng, objs, workers=4)
         print(f"seeded {len(objs)} objects, {total / MiB:.0f} MiB ({args.large} of 12..40 MiB) in {t:.1f}s "

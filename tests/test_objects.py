@@ -124,9 +124,11 @@ def test_local_gcs_stops_by_pid_and_keeps_its_data_on_disk(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- sync
-@pytest.mark.parametrize("target", ["s3", "gcs"])
+@pytest.mark.parametrize("target", ["s3", "s3-multipart", "gcs"])
 def test_sync_mixed_sizes_incremental_changes_and_deletions(servers, target):
-    src, dst = bucket(servers, "src"), bucket(servers, target)
+    src, dst = bucket(servers, "src"), bucket(servers, target.removesuffix("-multipart"))
+    if target == "s3-multipart":  # every object above PART_SIZE in parts (by default: one PUT up to 64 MiB)
+        dst.single_put_max = PART_SIZE
     seeded = seed_objects(src, random.Random(1), MIXED)
     assert {k: v.size for k, v in seeded.items()} == dict(MIXED)
 
@@ -136,10 +138,12 @@ def test_sync_mixed_sizes_incremental_changes_and_deletions(servers, target):
     assert objects_of(dst) == want  # byte for byte, every key
     for key, info in seeded.items():
         assert hashlib.sha256(want[key]).hexdigest() == info.sha256
-        assert object_checksum(dst, key) == info.sha256  # from metadata, also for the multipart object
-    if target == "s3":
-        etag = dst.client.head_object(Bucket=dst.bucket, Key="b/multipart")["ETag"]
+        assert object_checksum(dst, key) == info.sha256  # from metadata, also for the large object
+    etag = dst.head("b/multipart").etag
+    if target == "s3-multipart":
         assert etag.strip('"').endswith("-3"), etag  # really a multipart upload (3 parts of <= 8 MiB)
+    elif target == "s3":  # one streamed PUT: its ETag is the content's MD5
+        assert etag == hashlib.md5(want["b/multipart"]).hexdigest(), etag
 
     r = sync_objects(src, dst)
     assert (r["copied"], r["skipped"], r["failed"]) == (0, len(MIXED), 0), r
@@ -214,8 +218,10 @@ def test_corrupted_target_is_reported_and_fixed(servers, target):
 
 def test_objects_written_by_gitlab_itself(servers):
     """Source objects without our metadata (as GitLab writes them): a multipart one with 5 MiB parts and a
-    single-part one. The S3 copy keeps the multipart layout (same ETag) and gains our sha256; later
-    passes decide from the two listings alone (counted through a pass-through proxy)."""
+    single-part one. Up to SINGLE_PUT_MAX the large one is copied in one PUT (its ETag is then its MD5, the
+    source's ETag is kept in its metadata): a later pass decides from the listings and one HEAD on the target.
+    Above it, the S3 copy keeps the multipart layout (same ETag) and gains our sha256: later passes decide
+    from the two listings alone (requests counted through a pass-through proxy)."""
     src, dst, gdst = bucket(servers, "src"), bucket(servers, "s3"), bucket(servers, "gcs")
     rnd = random.Random(9)
     big, small = rnd.randbytes(12 * MiB + 777), rnd.randbytes(4321)
@@ -235,6 +241,16 @@ def test_objects_written_by_gitlab_itself(servers):
         assert sync_objects(src, via)["copied"] == 2
         assert content(dst, "n/big") == big and content(dst, "n/small") == small
         s, d = src.head("n/big"), dst.head("n/big")
+        assert d.etag == hashlib.md5(big).hexdigest() and d.src_etag == s.etag, (s, d)  # one PUT
+        before = counter.requests
+        r = sync_objects(src, via)
+        assert (r["copied"], r["skipped"]) == (0, 2) and counter.requests - before == 2  # listing + target HEAD
+
+        parts = bucket(servers, "s3")
+        via = S3Store(counter.endpoint, parts.bucket)
+        via.single_put_max = 8 * MiB
+        assert sync_objects(src, via)["copied"] == 2
+        s, d = src.head("n/big"), parts.head("n/big")
         assert d.etag == s.etag and d.etag.endswith("-3"), (s, d)  # part for part: the same ETag
         assert d.sha256 == hashlib.sha256(big).hexdigest()  # recorded although the source had none
         before = counter.requests
@@ -243,6 +259,7 @@ def test_objects_written_by_gitlab_itself(servers):
     finally:
         counter.close()
     assert verify_objects(src, dst) == [] and verify_objects(src, dst, deep=True) == []
+    assert verify_objects(src, parts) == [] and content(parts, "n/big") == big
 
     assert sync_objects(src, gdst)["copied"] == 2
     assert gdst.head("n/big").sha256 == hashlib.sha256(big).hexdigest() and content(gdst, "n/big") == big
@@ -358,6 +375,61 @@ def test_memory_stays_bounded_on_a_64_mib_object(servers, target):
     assert r["action"] == "copied", r
     assert peak < size * 3 / 8, f"peak {peak / MiB:.1f} MiB while copying a {size // MiB} MiB object"
     assert object_checksum(dst, "m/huge", deep=True) == info.sha256  # recomputed by streaming the target
+
+
+@pytest.mark.parametrize("size", [1000, PART_SIZE + 4096, 2 * PART_SIZE + 5])
+@pytest.mark.parametrize("single_put_max", [64 * MiB, PART_SIZE])
+def test_bytes_that_do_not_match_are_never_committed(servers, size, single_put_max):
+    """Whatever the upload (one buffered PUT, one streamed PUT, multipart), bytes that do not match the
+    expected sha256, or a source that ends early or gives more, fail the write and leave the target as it
+    was: the streamed PUT holds its last piece back until the check passed, so the server never has the
+    whole body."""
+    from orgmover.objects import ChecksumMismatch, SourceChanged
+
+    dst = bucket(servers, "s3")
+    dst.single_put_max = single_put_max
+    rnd = random.Random(size)
+    old, good = rnd.randbytes(size), rnd.randbytes(size)
+    bad = bytearray(good)
+    bad[-1] ^= 1  # the very last byte differs
+    dst.write("x/obj", iter([old]), size)
+
+    def pieces(b):
+        return (bytes(b[i:i + MiB]) for i in range(0, len(b), MiB))
+
+    sha = hashlib.sha256(good).hexdigest()
+    with pytest.raises(ChecksumMismatch):
+        dst.write("x/obj", pieces(bad), size, sha)
+    with pytest.raises(SourceChanged):
+        dst.write("x/obj", pieces(good[:-1]), size, sha)
+    with pytest.raises(SourceChanged):
+        dst.write("x/obj", pieces(good + b"!"), size, sha)
+    assert content(dst, "x/obj") == old and dst.head("x/obj").size == size
+    info = dst.write("x/obj", pieces(good), size, sha)
+    assert content(dst, "x/obj") == good and info.sha256 == sha and dst.head("x/obj").sha256 == sha
+
+
+def test_a_flaky_source_is_read_again_and_a_missing_object_is_reported(servers):
+    """Reads go by presigned GET outside botocore's pipeline: a 503 from the source is retried like any other
+    transient error, a missing object is ObjectNotFound (missing on the source), stored bytes are streamed as
+    stored (a gzip object is not decompressed), and the copy is checked against the source's MD5 by the target."""
+    direct, dst = bucket(servers, "src"), bucket(servers, "s3")
+    gz = b"\x1f\x8b" + random.Random(1).randbytes(3000)
+    direct.client.put_object(Bucket=direct.bucket, Key="f/log.gz", Body=gz, ContentEncoding="gzip",
+                             ContentType="text/plain")
+    seed_objects(direct, random.Random(2), [(f"f/{i}", 5000 + i) for i in range(6)])
+    proxy = FlakyProxy(servers["s3a"].port, fail_first=4)
+    try:
+        src = S3Store(proxy.endpoint, direct.bucket)
+        r = sync_objects(src, dst, keys=[f"f/{i}" for i in range(6)] + ["f/log.gz", "f/missing"], retries=5,
+                         backoff=0.02, workers=2)
+        assert proxy.failed == 4 and r["copied"] == 7 and r["failed"] == 1, r
+        assert "not found on the source" in r["failures"]["f/missing"]
+        assert b"".join(dst.read("f/log.gz")) == gz
+        assert dst.read("f/log.gz").headers["content_encoding"] == "gzip"
+    finally:
+        proxy.close()
+    assert verify_objects(direct, dst, deep=True) == []
 
 
 @pytest.mark.parametrize("kind", ["src", "gcs"])

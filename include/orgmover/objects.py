@@ -40,6 +40,7 @@ import base64
 import datetime as _dt
 import hashlib
 import http.client
+import io
 import os
 import queue
 import random
@@ -75,6 +76,7 @@ META_SRC_ETAG = "src-etag"  # the source object's ETag when the copy was made (i
 _MD5_RE = re.compile(r"[0-9a-f]{32}")
 _MULTIPART_ETAG_RE = re.compile(r"[0-9a-f]{32}-(\d+)")
 MAX_MIMIC_PART = 32 * MiB  # largest source part size we copy part for part (the part is buffered)
+SINGLE_PUT_MAX = 64 * MiB  # S3: objects above PART_SIZE up to this go in one streamed PUT, not multipart
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -190,15 +192,35 @@ HEADER_FIELDS = ("content_type", "content_encoding", "content_disposition", "cac
 _S3_HEADER = {"content_type": "ContentType", "content_encoding": "ContentEncoding",
               "content_disposition": "ContentDisposition", "cache_control": "CacheControl"}
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+_S3_HTTP_HEADER = {"content_type": "Content-Type", "content_encoding": "Content-Encoding",
+                   "content_disposition": "Content-Disposition", "cache_control": "Cache-Control"}
+
+
+def _s3_error(status: int, body: bytes, operation: str):
+    """An S3 error answer as botocore would raise it (a ClientError with the XML's Code and Message), so
+    every caller handles it the same way whichever path made the request."""
+    from botocore.exceptions import ClientError
+
+    code = msg = ""
+    m = re.search(rb"<Code>([^<]*)</Code>", body or b"")
+    if m:
+        code = m.group(1).decode(errors="replace")
+    m = re.search(rb"<Message>([^<]*)</Message>", body or b"")
+    if m:
+        msg = m.group(1).decode(errors="replace")
+    return ClientError({"Error": {"Code": code or str(status), "Message": msg},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
 
 
 class ObjectStream:
     """What ``read`` returns: the object's bytes as an iterator of chunks, plus its ``headers``
     (content_type, content_encoding, content_disposition, cache_control; only those it has)."""
 
-    def __init__(self, chunks: Iterator[bytes], headers: Mapping[str, str] | None = None):
+    def __init__(self, chunks: Iterator[bytes], headers: Mapping[str, str] | None = None,
+                 on_close: Callable[[], None] | None = None):
         self._chunks = chunks
         self.headers = {k: v for k, v in (headers or {}).items() if v}
+        self._on_close = on_close
 
     def __iter__(self) -> ObjectStream:
         return self
@@ -210,6 +232,9 @@ class ObjectStream:
         close = getattr(self._chunks, "close", None)
         if close:
             close()
+        if self._on_close is not None:  # also when iteration never started (a generator's finally would not run)
+            self._on_close()
+            self._on_close = None
 
 
 def _s3_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -408,16 +433,67 @@ _BOTO_SESSION = None  # a boto3 Session is not thread-safe: clients are made fro
 
 
 def _fast_timestamp(value):
+    """botocore's timestamp parser without dateutil for the two forms S3 sends: ISO 8601 (listings) and
+    RFC 1123 (Last-Modified headers); anything else goes to botocore's own parser."""
+    from email.utils import parsedate_to_datetime
+
     from botocore.utils import parse_timestamp
 
     if isinstance(value, str):
         try:
-            t = _dt.datetime.fromisoformat(value)
+            t = _dt.datetime.fromisoformat(value) if value[:1].isdigit() else parsedate_to_datetime(value)
             if t.tzinfo is not None:
                 return t
-        except ValueError:
+        except (ValueError, TypeError):
             pass
     return parse_timestamp(value)
+
+
+class _CheckedBody(io.RawIOBase):
+    """A request body read from an iterator of chunks, hashed into ``digests`` as it is read one chunk
+    ahead; the last piece is handed out only after the total size and the expected digests were checked
+    (else the check's error is raised, and kept in ``error``: the request ends before the server has the
+    whole body)."""
+
+    def __init__(self, key: str, chunks: Iterable[bytes], size: int, digests: _Digests, sha256: str | None,
+                 md5: str | None):
+        super().__init__()
+        self._key, self._size, self._d, self._sha256, self._md5 = key, size, digests, sha256, md5
+        self._it = iter(chunks)
+        self._cur = memoryview(b"")
+        self.error: BaseException | None = None
+        self._ahead = self._fetch()
+
+    def readable(self) -> bool:
+        return True
+
+    def _fetch(self):
+        for c in self._it:
+            if not c:
+                continue
+            if self._d.size + len(c) > self._size:
+                _check_total(self._key, self._d.size + len(c), self._size)
+            self._d.update(c)
+            return memoryview(c)
+        return None
+
+    def read(self, n: int = -1) -> bytes:
+        if self.error is not None:
+            raise self.error
+        try:
+            if not len(self._cur):
+                if self._ahead is None:
+                    return b""
+                self._cur, self._ahead = self._ahead, self._fetch()
+                if self._ahead is None:  # self._cur is the last piece: everything was hashed
+                    _check_total(self._key, self._d.size, self._size)
+                    _check_expected(self._key, self._d, self._sha256, self._md5)
+        except BaseException as e:
+            self.error = e
+            raise
+        take = len(self._cur) if n is None or n < 0 else n
+        out, self._cur = bytes(self._cur[:take]), self._cur[take:]
+        return out
 
 
 class S3Store(ObjectStore):
@@ -434,6 +510,7 @@ class S3Store(ObjectStore):
         self.region = region
         cfg = Config(
             s3={"addressing_style": "path"},
+            signature_version="s3v4",  # also for presigned URLs (botocore would presign with SigV2, which S3 refuses)
             retries={"total_max_attempts": max_attempts, "mode": "standard"},  # 1 = no retry inside botocore
             # Content-MD5 on every PUT/part instead of the newer default CRC trailers, which many
             # S3-compatible servers do not speak.
@@ -454,9 +531,29 @@ class S3Store(ObjectStore):
             self.client = _BOTO_SESSION.client(
                 "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
                 region_name=region, config=cfg)
+        self._client_args = dict(endpoint_url=endpoint_url, aws_access_key_id=access_key,
+                                 aws_secret_access_key=secret_key, region_name=region,
+                                 config=cfg.merge(Config(s3={"addressing_style": "path", "payload_signing_enabled": False})))
+        self._put = None
+        self.single_put_max = SINGLE_PUT_MAX
+        self._http = None
+        self._max_pool = max_pool_connections
+        import urllib3
+
+        self._timeout = urllib3.Timeout(connect=connect_timeout, read=read_timeout)
         # Over plain HTTP botocore signs every payload's SHA-256, which the server checks: a part then
         # needs no Content-MD5 (an MD5 pass less). Over HTTPS payloads go unsigned and parts carry one.
         self._signed_payload = not str(self.client.meta.endpoint_url).startswith("https")
+
+    @property
+    def put_client(self):
+        """A client for single-request uploads, which always carry Content-MD5 (checked by the server): their
+        payload is not signed, so botocore does not hash the whole object once more over plain HTTP."""
+        if self._put is None:
+            with _BOTO_LOCK:
+                if self._put is None:
+                    self._put = _BOTO_SESSION.client("s3", **self._client_args)
+        return self._put
 
     def describe(self) -> str:
         return f"s3://{self.bucket} at {self.endpoint_url or 'AWS'}"
@@ -506,26 +603,46 @@ class S3Store(ObjectStore):
             raise
         return self._info(key, r)
 
+    def _pool(self):
+        """A connection pool for object reads (made on first use, shared by the threads)."""
+        if self._http is None:
+            import urllib3
+
+            with _BOTO_LOCK:
+                if self._http is None:
+                    self._http = urllib3.PoolManager(maxsize=self._max_pool, retries=False, timeout=self._timeout)
+        return self._http
+
     def read(self, key: str) -> ObjectStream:
-        from botocore.exceptions import ClientError
+        """A GET by a presigned URL on a plain connection pool: botocore signs it (~0.1 ms), and the response
+        is streamed as stored (never decompressed) without going through botocore's request pipeline (~1 ms
+        of CPU per request, most of a small object's copy)."""
+        url = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
+                                                 ExpiresIn=3600)
+        r = self._pool().request("GET", url, preload_content=False, decode_content=False, redirect=False)
+        if r.status != 200:
+            body = r.read(decode_content=False)
+            r.release_conn()
+            err = _s3_error(r.status, body, "GetObject")
+            if self._is_404(err):
+                raise ObjectNotFound(f"{self.describe()}: no object {key}") from err
+            raise err
+        headers = {k: r.headers.get(h) for k, h in _S3_HTTP_HEADER.items()}
+        complete = [False]
+        return ObjectStream(self._stream(r, complete), headers, on_close=lambda: self._done(r, complete[0]))
 
-        try:
-            r = self.client.get_object(Bucket=self.bucket, Key=key)
-        except ClientError as e:
-            if self._is_404(e):
-                raise ObjectNotFound(f"{self.describe()}: no object {key}") from e
-            raise
-        return ObjectStream(self._stream(r["Body"]), {k: r.get(v) for k, v in _S3_HEADER.items()})
+    @staticmethod
+    def _done(r, complete: bool) -> None:
+        if not complete:  # abandoned before its end: that connection is not reused
+            r.close()
+        r.release_conn()
 
-    def _stream(self, body) -> Iterator[bytes]:
+    def _stream(self, r, complete: list) -> Iterator[bytes]:
         try:
-            while True:
-                c = body.read(self.read_chunk)
-                if not c:
-                    return
-                yield c
+            yield from r.stream(self.read_chunk, decode_content=False)
+            complete[0] = True
         finally:
-            body.close()
+            self._done(r, complete[0])
 
     def write(self, key: str, chunks: Iterable[bytes], size: int, sha256: str | None = None, *,
               md5: str | None = None, metadata: Mapping[str, str] | None = None,
@@ -533,7 +650,10 @@ class S3Store(ObjectStore):
         extra = dict(metadata or {})
         http = _s3_headers(headers)
         if size <= self.part_size:
-            d = _Digests()
+            md5 = md5.lower() if md5 and _MD5_RE.fullmatch(md5.lower()) else None
+            # An expected MD5 (the source's) goes out as Content-MD5: the server checks the bytes against it
+            # before it commits them, which spares an MD5 pass here; otherwise it is computed here.
+            d = _Digests(md5=md5 is None)
             data = bytearray()
             for c in chunks:
                 data += c
@@ -541,13 +661,51 @@ class S3Store(ObjectStore):
                     break
             _check_total(key, len(data), size)
             d.update(data)
-            _check_expected(key, d, sha256, md5)
-            meta = {**extra, META_SHA256: d.sha256.hexdigest(), META_MD5: d.md5.hexdigest()}
-            r = self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentLength=size,
-                                       ContentMD5=_b64md5(d.md5.hexdigest()), Metadata=meta, **http)
+            _check_expected(key, d, sha256, None)
+            content_md5 = md5 or d.md5.hexdigest()
+            meta = {**extra, META_SHA256: d.sha256.hexdigest(), META_MD5: content_md5}
+            r = self.put_client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentLength=size,
+                                           ContentMD5=_b64md5(content_md5), Metadata=meta, **http)
             etag = str(r.get("ETag", "")).strip('"')
-            return ObjectInfo(key, size, d.md5.hexdigest(), d.sha256.hexdigest(), etag, extra.get(META_SRC_ETAG))
+            stored = _etag_md5(etag)
+            if stored and stored != content_md5:  # a server that does not check Content-MD5 stored other bytes
+                raise ChecksumMismatch(f"{key}: the target stored bytes with MD5 {stored}, expected {content_md5}")
+            return ObjectInfo(key, size, content_md5, d.sha256.hexdigest(), etag, extra.get(META_SRC_ETAG))
+        if size <= self.single_put_max and not part_size:
+            return self._write_single(key, chunks, size, sha256, md5, extra, http)
         return self._write_multipart(key, chunks, size, sha256, md5, extra, part_size, http)
+
+    def _write_single(self, key, chunks, size, sha256, md5, extra, http) -> ObjectInfo:
+        """One streamed PUT (a multipart upload costs the server a second pass over the bytes): what is
+        known before the body (the expected MD5 as Content-MD5, the server's check; the expected sha256) goes
+        in the headers; the body is hashed as it is sent and its last piece held back until the size and the
+        expected digests are checked, so a mismatch aborts the request before the server has the whole body
+        (nothing is committed). The returned ETag must be the MD5 of what was sent."""
+        md5 = md5.lower() if md5 and _MD5_RE.fullmatch(md5.lower()) else None
+        d = _Digests(md5=md5 is None)
+        meta = dict(extra)
+        if sha256:
+            meta[META_SHA256] = sha256.lower()
+        kw = dict(http)
+        if md5:
+            meta[META_MD5] = md5
+            kw["ContentMD5"] = _b64md5(md5)
+        body = _CheckedBody(key, chunks, size, d, sha256, None)
+        try:
+            r = self.put_client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=size, Metadata=meta,
+                                           **kw)
+        except Exception:
+            if body.error is not None:
+                raise body.error from None
+            raise
+        etag = str(r.get("ETag", "")).strip('"')
+        sent_md5 = md5 or d.md5.hexdigest()
+        stored = _etag_md5(etag)
+        if stored and stored != sent_md5:
+            raise ChecksumMismatch(f"{key}: the target stored bytes with MD5 {stored}, {sent_md5} was sent")
+        # (an object whose sha256 was not known before the upload has none in its metadata: its ETag is its
+        # MD5, which later comparisons use; no server-side copy onto itself to add it, as a multipart one needs)
+        return ObjectInfo(key, size, sent_md5, d.sha256.hexdigest(), etag, extra.get(META_SRC_ETAG))
 
     def part_layout(self, info: ObjectInfo) -> int | None:
         m = _MULTIPART_ETAG_RE.fullmatch(info.etag or "")
@@ -571,27 +729,40 @@ class S3Store(ObjectStore):
         # the whole-object MD5 only when it is to be checked: each part has its own for Content-MD5
         d = _Digests(md5=bool(md5))
         parts = []
+
+        def upload(n: int, part) -> dict:
+            kw = {} if self._signed_payload else {"ContentMD5": base64.b64encode(hashlib.md5(part).digest()).decode()}
+            r = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n,
+                                        Body=part, ContentLength=len(part), **kw)
+            return {"PartNumber": n, "ETag": r["ETag"]}
+
+        # one part uploads while the next is read and hashed: two parts in memory at most
+        uploader = ThreadPoolExecutor(1, thread_name_prefix="part-upload")
         try:
+            sending = None
             for n, part in enumerate(_rechunk(chunks, part_size), start=1):
                 if d.size + len(part) > size:
                     _check_total(key, d.size + len(part), size)
                 d.update(part)
-                kw = {} if self._signed_payload else {
-                    "ContentMD5": base64.b64encode(hashlib.md5(part).digest()).decode()}
-                r = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=n,
-                                            Body=part, ContentLength=len(part), **kw)
-                parts.append({"PartNumber": n, "ETag": r["ETag"]})
+                if sending is not None:
+                    parts.append(sending.result())
+                sending = uploader.submit(upload, n, part)
                 del part
+            if sending is not None:
+                parts.append(sending.result())
             _check_total(key, d.size, size)
             _check_expected(key, d, sha256, md5)
             r = self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                       MultipartUpload={"Parts": parts})
         except BaseException:
+            uploader.shutdown(wait=True)  # the part in flight ends before the upload is aborted
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             except Exception:  # noqa: BLE001 - best effort; a lifecycle rule cleans up the rest
                 pass
             raise
+        finally:
+            uploader.shutdown(wait=False)
         etag = str(r.get("ETag", "")).strip('"')
         sha_hex, md5_hex = d.sha256.hexdigest(), md5.lower() if md5 else None
         if not sha256:
@@ -959,10 +1130,11 @@ def _copy(src: ObjectStore, dst: ObjectStore, si: ObjectInfo) -> ObjectInfo:
             close = getattr(stream, "close", None)
             if close:
                 close()
-    # a multipart source is copied part for part when its layout is uniform, so the target gets the
-    # same ETag and later passes compare the two listings without a HEAD
+    # above the single-PUT size, a multipart source is copied part for part when its layout is uniform, so
+    # the target gets the same ETag and later passes compare the two listings without a HEAD (below it, one
+    # PUT is cheaper than the parts, and later passes compare the sha256s)
     part = None
-    if isinstance(dst, S3Store) and _MULTIPART_ETAG_RE.fullmatch(si.etag or ""):
+    if isinstance(dst, S3Store) and si.size > dst.single_put_max and _MULTIPART_ETAG_RE.fullmatch(si.etag or ""):
         try:
             part = src.part_layout(si)
         except Exception:  # noqa: BLE001 - only an optimization
@@ -1003,10 +1175,12 @@ def _compare_and_copy(src: ObjectStore, dst: ObjectStore, key: str, si: ObjectIn
     if si is None:
         si, di, listed = head_src(), dst.head(key), False
     verdict = _same(si, di)
-    if verdict is None and listed:  # listings carry no metadata (S3): ask both sides
-        si, di = head_src(), dst.head(key)
-        listed = False
+    if verdict is None and listed:  # listings carry no metadata (S3): ask the target first (its metadata names
+        di = dst.head(key)          # the source version it was copied from), then the source
         verdict = _same(si, di)
+        if verdict is None:
+            si, listed = head_src(), False
+            verdict = _same(si, di)
     if verdict is None:  # no shared digest: compute (streams whatever has no sha256 metadata)
         ssum = src.checksum(key)
         if ssum is None:
