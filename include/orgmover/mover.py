@@ -37,7 +37,7 @@ from orgmover.pgcopy import (INTEGER_TYPES, Progress, apply_deletions, check_sha
 from orgmover.plan import Plan, Planner, TablePlan, qi
 from orgmover.topology import NotFound, TopologyClient, VersionConflict
 from orgmover.tracking import Tracking
-from orgmover.validation import fk_violations
+from orgmover.validation import encrypted_diff, fk_violations
 
 log = logging.getLogger("orgmover.mover")
 
@@ -760,7 +760,9 @@ def prevalidate(ctx: MoveContext, mid: int) -> dict:
     written since (found by change capture) and the chunks that differed here."""
     m, plan = ctx.tracking.get(mid), load_plan(ctx, mid)
     rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
-    org = sorted(t for t, r in rows.items() if r["strategy"] == "org")
+    # org tables per chunk; shared tables whose referenced rows are copied (users, LFS objects, pools) whole
+    org = sorted(t for t, r in rows.items() if r["strategy"] == "org"
+                 or (r["strategy"] == "shared" and plan.tables[t].insert_missing))
     chunking = _chunking_of(ctx, mid, plan, rows, org)
     _open_target_capture(ctx, mid)
     at = datetime.now(timezone.utc).isoformat()
@@ -768,10 +770,15 @@ def prevalidate(ctx: MoveContext, mid: int) -> dict:
     src, dst = _chunk_sums_both(ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"]), plan, org, chunking)
     differ = 0
     updates = {}
-    for t in org:
-        enc = lambda d: {str(k): list(v) for k, v in d.items()}  # noqa: E731
-        updates[t] = {"baseline": {"at": at, "src": enc(src[t]), "dst": enc(dst[t])}}
-        differ += sum(1 for k in set(src[t]) | set(dst[t]) if src[t].get(k) != dst[t].get(k))
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    with src_cell.connect() as s, dst_cell.connect() as d:
+        for t in org:
+            enc = lambda x: {str(k): list(v) for k, v in x.items()}  # noqa: E731
+            updates[t] = {"baseline": {"at": at, "src": enc(src[t]), "dst": enc(dst[t])}}
+            differ += sum(1 for k in set(src[t]) | set(dst[t]) if src[t].get(k) != dst[t].get(k))
+            if plan.tables[t].encrypted:  # secrets compared decrypted (the checksums leave them out)
+                e = encrypted_diff(s, d, plan.tables[t], src_cell.key, dst_cell.key)
+                updates[t]["baseline"]["secrets_equal"] = e.ok
     ctx.tracking.update_tables(mid, updates)
     ctx.log(f"baseline checksums of {sum(len(v) for v in src.values())} chunks in {len(org)} tables in "
             f"{time.monotonic() - t0:.2f}s ({differ} chunks differ: written since their copy, re-checked in the window)")
@@ -799,11 +806,19 @@ def _incremental_chunks(plan: Plan, rows: dict, chunking: dict, captured, m: dic
     baseline (rows written since are compared row by row). Tables without a baseline, or synced by
     the fallback scan, are left out (checked in full)."""
     out: dict[str, list[int]] = {}
+    window_captured = all((r.get("sync_detail") or {}).get("mode") == "captured"
+                          and r.get("synced_in_window") == m["maintenance_window"]
+                          for r in rows.values() if r["strategy"] == "org")
     for t, (column, lows) in chunking.items():
         tp, r = plan.tables[t], rows[t]
-        base, detail = r.get("baseline"), r.get("sync_detail") or {}
-        if (tp.strategy != "org" or not base or t in captured.rescan or detail.get("mode") != "captured"
-                or r.get("synced_in_window") != m["maintenance_window"]):
+        base = r.get("baseline")
+        if not base or t in captured.rescan or not window_captured:
+            continue
+        if tp.strategy == "shared":
+            # a shared table stands as in the baseline when it was equal then and none of its rows was
+            # written since on either cell (new references from written rows: the window's foreign-key check)
+            if not captured.of(t) and base["src"] == base["dst"]:
+                out[t] = []
             continue
         bs, bd = base["src"], base["dst"]
         out[t] = sorted({int(k) for k in set(bs) | set(bd) if bs.get(k) != bd.get(k)})
@@ -820,7 +835,7 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     migration option ``full_validation``, or ``ORGMOVER_FULL_VALIDATION=1``) checks every chunk; ``again``
     re-checks tables that already passed in this window."""
     from orgmover.pgcopy import bucket_sql
-    from orgmover.validation import TableValidation, encrypted_diff, lookup_validation, row_diff, total
+    from orgmover.validation import TableValidation, lookup_validation, row_diff, total
 
     m = ctx.tracking.get(mid)
     plan = load_plan(ctx, mid)
@@ -868,11 +883,15 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
             else:
                 (sn, ss), (dn, ds) = total(src_sums[t]), total(dst_sums[t])
                 res = TableValidation(t, tp.strategy, sn, dn, ss, ds)
+            written = None
             if t in only and captured.of(t):  # the rows written since the baseline, on either cell
-                keys = sorted(captured.of(t))
-                res.written = row_diff(s, d, tp, narrow=bind(s, *key_filter(tp, key_types(s, tp), keys))).to_dict()
-            if tp.encrypted:
-                res.encrypted = encrypted_diff(s, d, tp, src_cell.key, dst_cell.key).to_dict()
+                written = bind(s, *key_filter(tp, key_types(s, tp), sorted(captured.of(t))))
+                res.written = row_diff(s, d, tp, narrow=written).to_dict()
+            if tp.encrypted:  # secrets of rows unchanged since a baseline where they were equal stand too
+                incremental = t in only and rows[t]["baseline"].get("secrets_equal")
+                if not incremental or written:
+                    res.encrypted = encrypted_diff(s, d, tp, src_cell.key, dst_cell.key,
+                                                   narrow=written if incremental else "true").to_dict()
             if (sn, ss) != (dn, ds) and t not in lookups:
                 # the row diff reads only the chunks whose checksums differ
                 sc, dc = src_sums[t], dst_sums[t]

@@ -175,14 +175,15 @@ def row_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, sa
                        _keyed_hashes(dst, tp, "om_diff_dst", narrow=narrow), samples)
 
 
-def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, name: str):
+def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, name: str, narrow: str = "true"):
     specs = [ColumnSpec.from_doc(s) for s in tp.encrypted]
     cols = []
     for s in specs:
         cols.append(f"t.{qi(s.column)}")
         cols.append(f"t.{qi(s.iv_column)}" if s.iv_column else "NULL")
     keyexpr = "ROW(" + ", ".join(f"t.{qi(c)}" for c in identity(tp)) + ")::text"
-    sql = f"SELECT {keyexpr}, {', '.join(cols)} FROM {qi(tp.table)} t WHERE {tp.where} ORDER BY {keyexpr} COLLATE \"C\""
+    where = tp.where if narrow == "true" else f"({tp.where_row or tp.where}) AND ({narrow})"
+    sql = f"SELECT {keyexpr}, {', '.join(cols)} FROM {qi(tp.table)} t WHERE {where} ORDER BY {keyexpr} COLLATE \"C\""
     with conn.transaction():
         with conn.cursor(name=name) as cur:
             cur.itersize = 5000
@@ -199,13 +200,15 @@ def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, n
 
 
 def encrypted_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, src_key: bytes | None,
-                   dst_key: bytes | None, samples: int = 10) -> DiffResult:
-    """Compare encrypted columns by their plaintext (decrypted with each cell's own key)."""
+                   dst_key: bytes | None, samples: int = 10, narrow: str = "true") -> DiffResult:
+    """Compare encrypted columns by their plaintext (decrypted with each cell's own key); ``narrow``:
+    only these rows (e.g. the ones written since the baseline)."""
     if not tp.encrypted:
         return DiffResult()
     if src_key is None or dst_key is None:
         raise SecretError(f"{tp.table} has encrypted columns but a cell key is not configured")
-    return _merge_diff(_plain_digests(src, tp, src_key, "om_enc_src"), _plain_digests(dst, tp, dst_key, "om_enc_dst"), samples)
+    return _merge_diff(_plain_digests(src, tp, src_key, "om_enc_src", narrow),
+                       _plain_digests(dst, tp, dst_key, "om_enc_dst", narrow), samples)
 
 
 @dataclass
