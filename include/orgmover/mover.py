@@ -874,6 +874,8 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
                 f"compared row by row, {sum(len(c) for c in only.values())} of {n_all} chunks checksummed again "
                 f"(differing in the baseline); {len(summed) - len(only)} tables checked in full")
     bad = 0
+    pending: dict[str, dict] = {}
+    flushed = time.monotonic()
     with src_cell.connect() as s, dst_cell.connect() as d:
         for t in todo:
             tp = plan.tables[t]
@@ -912,11 +914,15 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
             detail = res.to_dict()
             if res_detail_incremental:
                 detail["incremental"] = res_detail_incremental
-            ctx.tracking.update_table(mid, t, source_rows=sn, target_rows=dn, source_checksum=ss, target_checksum=ds,
-                                      validation_state="passed" if res.ok else "failed", validation_detail=detail,
-                                      validated_in_window=m["maintenance_window"])
+            pending[t] = dict(source_rows=sn, target_rows=dn, source_checksum=ss, target_checksum=ds,
+                              validation_state="passed" if res.ok else "failed", validation_detail=detail,
+                              validated_in_window=m["maintenance_window"])
+            if time.monotonic() - flushed > 1.0:  # recorded as it goes (a re-run resumes), in few transactions
+                ctx.tracking.update_tables(mid, pending)
+                pending, flushed = {}, time.monotonic()
             if not res.ok:
                 ctx.log(f"validate {t}: MISMATCH {res.to_dict()}")
+    ctx.tracking.update_tables(mid, pending)
     ctx.log(f"validated {len(todo)} tables in {time.monotonic() - t0:.2f}s: {len(todo) - bad} match, {bad} differ")
     return {"tables": len(todo), "differ": bad}
 
