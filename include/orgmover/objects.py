@@ -5,9 +5,11 @@ ids, oids and dates only (see ``artifact_path``, ``lfs_path``, ``package_path``)
 its key when it moves to another cell: replication is "make the target bucket hold the same bytes
 under the same keys".
 
-* ``ObjectStore`` is the small interface both back ends implement: ``list``, ``head``, ``read``
-  (an iterator of chunks), ``write`` (from an iterator of chunks: S3 multipart upload / GCS resumable
-  upload above ``PART_SIZE``), ``delete``, ``ensure_bucket`` and ``checksum``.
+* ``ObjectStore`` is the small interface both back ends implement: ``list``, ``list_page`` (one listing
+  request from a key on), ``head``, ``read`` (an iterator of chunks), ``write`` (from an iterator of
+  chunks: S3 streamed PUT or multipart upload / GCS resumable upload above ``PART_SIZE``), ``delete``,
+  ``ensure_bucket`` and ``checksum``. ``list_infos`` gives many keys' infos from listings (the
+  replication scan's fingerprints) instead of a HEAD each.
 * Every object we write carries our own ``sha256`` (and, when known before the upload, ``md5``) in
   its user metadata, so a multipart object, whose S3 ETag is not an MD5, can still be verified
   without reading it back. When the sha256 is only known at the end of a multipart upload (a source
@@ -19,9 +21,13 @@ under the same keys".
   sha256, equal MD5, equal multipart ETag), asks HEAD where it cannot, and streams only as a last
   resort. It copies what is missing or different in a thread pool: small objects in one request,
   large ones through a bounded pipe (a reader thread feeding the uploader, a few MiB in flight, never a
-  whole object in memory), an S3 multipart source part for part in its own layout when that layout is
-  uniform (the target gets the same ETag, so later passes compare listings only). Each copy is
-  checked in flight against the source's sha256/MD5 before the object is committed. Transient errors
+  whole object in memory): on S3 up to ``SINGLE_PUT_MAX`` in one streamed PUT (a multipart upload
+  costs the server a second pass over the bytes), above it an S3 multipart source part for part in its
+  own layout when that layout is uniform (the target gets the same ETag, so later passes compare
+  listings only). Each copy is checked in flight against the source's sha256/MD5 before the object is
+  committed (a streamed PUT holds its last piece back until the check passed; the source's MD5 goes as
+  Content-MD5, which the server checks). Reads are presigned GETs on a plain connection pool, outside
+  botocore's per-request pipeline. Transient errors
   (5xx, 429, connection errors, a source that changed while it was read) are retried with
   exponential backoff; ``delete_extra`` deletes target objects the source no longer has.
   ``verify_objects`` compares checksums; ``sync_object``/``object_checksum`` do one object, for a

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,6 +281,204 @@ def handlers(src_conn: psycopg.Connection, plan: Plan, src: CellStorage, dst: Ce
     if src.registry_url:
         out.append(ContainerHandler(src_conn, plan, src, dst))
     return out
+
+
+# ------------------------------------------------------------------------------------------ dry run
+@dataclass
+class KindEstimate:
+    """What one data type of an org holds on the source and what replicating it will take, from a measured
+    sample: ``seconds = factor * (per_item * items + per_byte * bytes)``, sequential (the replication runs
+    several workers per data type, so it takes less)."""
+
+    name: str
+    items: int
+    bytes: int
+    missing: int = 0          # referenced by the rows, absent from the source storage
+    detail: str = ""          # e.g. repositories by role, image tags
+    sampled: int = 0
+    sample_bytes: int = 0
+    sample_seconds: float = 0.0
+    per_item: float = 0.0     # seconds per item, fitted on the sample (+ the registry's bookkeeping)
+    per_byte: float = 0.0     # seconds per byte, fitted on the sample
+    factor: float = 1.0       # what the sample could not do (a dry run writes nothing on the target)
+    how: str = ""
+    samples: list = field(default_factory=list)  # (bytes, seconds) of each sampled item
+
+    @property
+    def seconds(self) -> float:
+        return self.factor * (self.per_item * self.items + self.per_byte * self.bytes)
+
+
+def _spread(items: list, k: int) -> list:
+    """Up to ``k`` items spread over a sorted list, its first and last included."""
+    if len(items) <= k:
+        return list(items)
+    picked = [items[round(j * (len(items) - 1) / (k - 1))] for j in range(k)] if k > 1 else [items[-1]]
+    out, seen = [], set()
+    for it in picked:
+        if id(it) not in seen:
+            seen.add(id(it))
+            out.append(it)
+    return out
+
+
+def _fit(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    """(seconds per item, seconds per byte) of ``t = a + b * bytes`` by least squares on the sample, both kept
+    >= 0; with one sample, or samples of one size, all of it is per item."""
+    if not samples:
+        return 0.0, 0.0
+    n = len(samples)
+    mx = sum(x for x, _ in samples) / n
+    my = sum(y for _, y in samples) / n
+    var = sum((x - mx) ** 2 for x, _ in samples)
+    if n < 2 or var == 0:
+        return my, 0.0
+    b = max(0.0, sum((x - mx) * (y - my) for x, y in samples) / var)
+    a = my - b * mx
+    if a < 0:  # the sample's cost is all in its bytes
+        return 0.0, sum(y for _, y in samples) / max(1, sum(x for x, _ in samples))
+    return a, b
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(d, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def estimate(src_conn: psycopg.Connection, plan: Plan, src: CellStorage, dst: CellStorage, *, samples: int = 4,
+             per_item_overhead: float = 0.0, workers: int = 8) -> list[KindEstimate]:
+    """Counts and bytes per data type (repositories; objects per type; container images) of the org on the
+    source, and the time their first replication will take, extrapolated from a short measured sample of
+    each type (up to ``samples`` items spread over the sizes, timed one by one). Read-only on both cells:
+
+    * repositories: the sample is synced into a temporary directory (what the replication does, into a
+      scratch target) and checksummed on both sides; factor 1;
+    * objects: each sampled object is looked up (HEAD) and read with its SHA-256 on the source, and looked
+      up on the target (where it is absent: a read-only request that measures the target's latency); its
+      time counts the copy (HEAD + read on the source, HEAD + write on the target) and the verification
+      (a read on the target), a target request moving the bytes at the source's measured rate;
+    * images: the sample repositories' tags, manifests and blobs are read from the source; a copy also
+      pushes them: factor 2.
+
+    ``per_item_overhead`` (the registry's bookkeeping per item, measured by the caller) is added per item."""
+    import tempfile
+    import time
+    from collections import Counter
+
+    out: list[KindEstimate] = []
+    if src.git_storages:
+        h = RepositoryHandler(src_conn, plan, src, dst)
+        items = h.scan()
+        paths = {}
+        for it in items:
+            if it.fingerprint is not None:
+                paths[it.key] = src.storage(it.meta["storage"]).repo(it.meta["disk_path"], it.meta["suffix"])
+        size = {k: _dir_bytes(p) for k, p in paths.items()}
+        roles = Counter(it.meta.get("role") for it in items)
+        e = KindEstimate("repository", len(items), sum(size.values()), len(items) - len(paths),
+                         ", ".join(f"{n} {r}" for r, n in sorted(roles.items())), factor=1.0,
+                         how="synced into a scratch directory and checksummed on both sides")
+        candidates = sorted((it for it in items if it.key in paths and not it.meta.get("pool")), key=lambda i: size[i.key])
+        timed = []
+        with tempfile.TemporaryDirectory(prefix="orgmover-dry-run-") as tmp:
+            for n, it in enumerate(_spread(candidates, samples)):
+                t0 = time.monotonic()
+                target = Path(tmp) / f"sample-{n}.git"
+                git.sync_repository(paths[it.key], target)
+                git.repository_checksum(paths[it.key])
+                git.repository_checksum(target)
+                timed.append((size[it.key], time.monotonic() - t0))
+        out.append(_finish(e, timed, per_item_overhead))
+    if src.object_stores:
+        h = ObjectHandler(src_conn, plan, src, dst)
+        by_type: dict[str, list[Replicable]] = {}
+        for it in h.scan(workers=workers):
+            by_type.setdefault(it.meta["type"], []).append(it)
+        for t in sorted(by_type):
+            items = by_type[t]
+            present = sorted((it for it in items if it.fingerprint is not None), key=lambda i: i.size or 0)
+            e = KindEstimate(f"object: {t}", len(items), sum(it.size or 0 for it in present), len(items) - len(present),
+                             how="per object: a HEAD and a read (SHA-256) on the source, a HEAD on the target (absent "
+                                 "there: read-only); counted as the copy's HEAD + read on the source and, on the "
+                                 "target, HEAD + write and the verification's read (each a target request moving the "
+                                 "bytes at the source's rate)")
+            store, target, timed = h._store("src", t), (h._store("dst", t) if t in dst.object_stores else None), []
+            picked = _spread(present, samples)
+            for s_ in [store] + ([target] if target is not None and picked else []):  # clients and connections made
+                s_.head(picked[0].meta["key"]) if picked else None                  # before the clock starts
+            for it in picked:
+                key = it.meta["key"]
+                t0 = time.monotonic()
+                store.head(key)
+                t1 = time.monotonic()
+                objects.object_checksum(store, key, deep=True)
+                t2 = time.monotonic()
+                if target is not None:
+                    target.head(key)
+                t3 = time.monotonic()
+                head_src, read, head_dst = t1 - t0, t2 - t1, t3 - t2
+                timed.append((it.size or 0, head_src + read + head_dst + 2 * (head_dst + max(0.0, read - head_src))))
+            out.append(_finish(e, timed, per_item_overhead))
+    if src.registry_url:
+        client = src.registry()
+        paths = container_paths(src_conn, plan)
+
+        def blobs_of(path: str) -> tuple[int, dict[str, int]]:
+            try:
+                tags = client.tags(path)
+            except registry.RegistryError as e:
+                if e.status == 404:
+                    return 0, {}
+                raise
+            found: dict[str, int] = {}
+            todo = [t for t in tags]
+            seen = set()
+            while todo:
+                ref = todo.pop()
+                media_type, body, digest = client.get_manifest(path, ref)
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                if media_type in registry.INDEX_MEDIA_TYPES:
+                    todo += [c["digest"] for c in registry._children(media_type, body)]
+                else:
+                    for d in registry._blobs(media_type, body):
+                        found[d["digest"]] = int(d.get("size") or 0)
+            return len(tags), found
+
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            per_repo = dict(zip(paths, ex.map(blobs_of, paths)))
+        unique: dict[str, int] = {}
+        for _, found in per_repo.values():
+            unique.update(found)
+        e = KindEstimate("container_repository", len(paths), sum(unique.values()),
+                         detail=f"{sum(n for n, _ in per_repo.values())} tags, {len(unique)} distinct blobs", factor=2.0,
+                         how="tags, manifests and blobs read from the source; x2: the copy pushes them")
+        timed = []
+        for path in _spread(sorted((p for p in paths if per_repo[p][0]), key=lambda p: sum(per_repo[p][1].values())),
+                            samples):
+            t0 = time.monotonic()
+            _, found = blobs_of(path)
+            for digest in found:
+                for _ in client.get_blob(path, digest):
+                    pass
+            timed.append((sum(found.values()), time.monotonic() - t0))
+        out.append(_finish(e, timed, per_item_overhead))
+    return out
+
+
+def _finish(e: KindEstimate, timed: list[tuple[int, float]], per_item_overhead: float) -> KindEstimate:
+    e.samples = list(timed)
+    e.sampled, e.sample_bytes, e.sample_seconds = len(timed), sum(b for b, _ in timed), sum(t for _, t in timed)
+    e.per_item, e.per_byte = _fit(timed)
+    e.per_item += per_item_overhead / max(e.factor, 1e-9)  # bookkeeping is not multiplied by the factor
+    return e
 
 
 # ------------------------------------------------------------------------------------------ seeding
