@@ -610,22 +610,37 @@ class S3Store(ObjectStore):
         return self._info(key, r)
 
     def _pool(self):
-        """A connection pool for object reads (made on first use, shared by the threads)."""
+        """A connection pool for object reads (made on first use, shared by the threads), verifying TLS with
+        the CA bundle botocore would use; None when requests to the endpoint must go through a proxy (then
+        botocore makes them, with its proxy settings)."""
         if self._http is None:
-            import urllib3
+            import urllib.request
+            from urllib.parse import urlsplit
 
+            import urllib3
+            from botocore.httpsession import get_cert_path
+
+            url = urlsplit(str(self.client.meta.endpoint_url))
+            proxied = bool(urllib.request.getproxies().get(url.scheme)) and not urllib.request.proxy_bypass(
+                url.hostname or "")
             with _BOTO_LOCK:
                 if self._http is None:
-                    self._http = urllib3.PoolManager(maxsize=self._max_pool, retries=False, timeout=self._timeout)
-        return self._http
+                    tls = ({"cert_reqs": "CERT_REQUIRED", "ca_certs": os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)}
+                           if url.scheme == "https" else {})
+                    self._http = False if proxied else urllib3.PoolManager(
+                        maxsize=self._max_pool, retries=False, timeout=self._timeout, **tls)
+        return self._http or None
 
     def read(self, key: str) -> ObjectStream:
         """A GET by a presigned URL on a plain connection pool: botocore signs it (~0.1 ms), and the response
         is streamed as stored (never decompressed) without going through botocore's request pipeline (~1 ms
-        of CPU per request, most of a small object's copy)."""
+        of CPU per request, most of a small object's copy). Through botocore when a proxy is configured."""
+        pool = self._pool()
+        if pool is None:
+            return self._read_via_botocore(key)
         url = self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
                                                  ExpiresIn=3600)
-        r = self._pool().request("GET", url, preload_content=False, decode_content=False, redirect=False)
+        r = pool.request("GET", url, preload_content=False, decode_content=False, redirect=False)
         if r.status != 200:
             body = r.read(decode_content=False)
             r.release_conn()
@@ -636,6 +651,26 @@ class S3Store(ObjectStore):
         headers = {k: r.headers.get(h) for k, h in _S3_HTTP_HEADER.items()}
         complete = [False]
         return ObjectStream(self._stream(r, complete), headers, on_close=lambda: self._done(r, complete[0]))
+
+    def _read_via_botocore(self, key: str) -> ObjectStream:
+        from botocore.exceptions import ClientError
+
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as e:
+            if self._is_404(e):
+                raise ObjectNotFound(f"{self.describe()}: no object {key}") from e
+            raise
+        body = r["Body"]
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                while c := body.read(self.read_chunk):
+                    yield c
+            finally:
+                body.close()
+
+        return ObjectStream(chunks(), {k: r.get(v) for k, v in _S3_HEADER.items()}, on_close=body.close)
 
     @staticmethod
     def _done(r, complete: bool) -> None:
