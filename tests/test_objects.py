@@ -443,7 +443,7 @@ def test_list_infos_fingerprints_from_listings(servers, kind):
     dense = [artifact_path(7, date(2024, 1, 1 + i % 28), 1000 + i, i, "artifacts.zip") for i in range(600)]
     sparse = [artifact_path(100 + p, date(2024, 2, 1), 5000 + p, p, "artifacts.zip") for p in range(0, 400, 16)]
     foreign = [artifact_path(100 + p, date(2024, 2, 1), 5000 + p, p, "artifacts.zip") for p in range(400) if p % 16]
-    seed_objects(store, rnd, [(k, 40) for k in dense + sparse + foreign], workers=8)
+    seed_objects(store, rnd, [(k, 40) for k in dense + sparse + foreign], workers=4 if kind == "src" else 1)
     big = "big/multipart.bin"
     seed_objects(store, rnd, [(big, PART_SIZE + 1000)])
     missing = ["0-missing/one", dense[5] + ".missing", "zz/missing"]
