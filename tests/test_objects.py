@@ -272,9 +272,10 @@ def test_objects_written_by_gitlab_itself(servers):
 class FlakyProxy:
     """Answers 503 to the first ``fail_first`` requests, then forwards to ``target`` (host, port)."""
 
-    def __init__(self, target_port: int, fail_first: int):
+    def __init__(self, target_port: int, fail_first: int, deny=None):
         self.target_port = target_port
         self.fail_first = fail_first
+        self.deny = deny  # (method, path) -> True: answered 403 AccessDenied, like a policy without that right
         self.requests = 0
         self.failed = 0
         self.lock = threading.Lock()
@@ -293,10 +294,13 @@ class FlakyProxy:
                     proxy.requests += 1
                     fail = proxy.failed < proxy.fail_first
                     proxy.failed += fail
-                if fail:
-                    msg = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
+                denied = proxy.deny is not None and proxy.deny(self.command, self.path)
+                if denied or fail:
+                    msg = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied</Code>"
+                           b"<Message>no such right</Message></Error>" if denied else
+                           b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
                            b"<Message>flaky proxy</Message></Error>")
-                    self.send_response(503)
+                    self.send_response(403 if denied else 503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()
@@ -465,6 +469,21 @@ def test_list_infos_fingerprints_from_listings(servers, kind):
     seed_objects(store, random.Random(21), [(sparse[3], 40)])  # same key, same size, new bytes
     after = list_infos(store, [sparse[3]])[sparse[3]]
     assert fingerprint(after) != before and fingerprint(after) == fingerprint(store.head(sparse[3]))
+
+
+def test_list_infos_without_the_right_to_list_looks_up_each_key(servers):
+    """Credentials that may read objects but not list the bucket: the scan falls back to a HEAD per key."""
+    direct = bucket(servers, "src")
+    seed_objects(direct, random.Random(3), [(f"d/{i}", 10 + i) for i in range(5)])
+    proxy = FlakyProxy(servers["s3a"].port, fail_first=0, deny=lambda method, path: "list-type=2" in path)
+    try:
+        store = S3Store(proxy.endpoint, direct.bucket)
+        counts: dict = {}
+        infos = list_infos(store, [f"d/{i}" for i in range(5)] + ["d/missing"], counts=counts)
+        assert counts == {"list_requests": 0, "heads": 6}, counts
+        assert infos["d/missing"] is None and [infos[f"d/{i}"].size for i in range(5)] == [10, 11, 12, 13, 14]
+    finally:
+        proxy.close()
 
 
 def test_object_info_shape():

@@ -1269,6 +1269,15 @@ def fingerprint(info: ObjectInfo | None) -> str | None:
     return f"{info.size}:{info.etag or info.md5 or ''}"
 
 
+def _forbidden(e: BaseException) -> bool:
+    """A 403 (S3 AccessDenied, GCS Forbidden)."""
+    resp = getattr(e, "response", None)
+    if isinstance(resp, dict):
+        return resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403 or \
+            str(resp.get("Error", {}).get("Code", "")) in ("AccessDenied", "403")
+    return getattr(e, "code", None) == 403
+
+
 def list_infos(store: ObjectStore, keys: Iterable[str], *, workers: int = 8, run_keys: int = 256,
                retries: int = 5, backoff: float = 0.5, counts: dict | None = None) -> dict[str, ObjectInfo | None]:
     """What ``store`` knows about each of ``keys`` (None: no such object), from bucket listings instead of a
@@ -1280,7 +1289,8 @@ def list_infos(store: ObjectStore, keys: Iterable[str], *, workers: int = 8, run
     them when the listing says it is complete). Where the keys are dense (an org's project directories) a run
     costs one request per 1000 keys; where they are sparse among other objects (content-addressed LFS objects
     of a whole cell) every request still resolves at least one key, so a run never costs more requests than
-    it has keys. ``counts`` (when given) gets ``list_requests`` and ``heads`` added."""
+    it has keys. Credentials that may not list the bucket (403) get a HEAD per key. ``counts`` (when given)
+    gets ``list_requests`` and ``heads`` added."""
     ks = sorted(set(keys))
     out: dict[str, ObjectInfo | None] = {}
     if not ks:
@@ -1297,8 +1307,14 @@ def list_infos(store: ObjectStore, keys: Iterable[str], *, workers: int = 8, run
         while i < len(run):
             start, left = run[i], len(run) - i
             # as many entries as keys left (plus a margin): where the keys are dense one request does the run
-            page, truncated = _retry(lambda: store.list_page(prefix, start, max_keys=min(1000, left + 16 + left // 16)),
-                                     retries, backoff)
+            try:
+                page, truncated = _retry(lambda: store.list_page(prefix, start, max_keys=min(1000, left + 16 + left // 16)),
+                                         retries, backoff)
+            except Exception as e:
+                if not _forbidden(e):
+                    raise
+                break  # credentials that may read objects but not list the bucket: one HEAD per key
+
             requests += 1
             listed = {p.key: p for p in page}
             if not truncated:
