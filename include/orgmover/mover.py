@@ -1265,9 +1265,16 @@ def replicate_batch(ctx: MoveContext, mid: int, batch: dict, workers: int = 4, r
 
         claims = 0
 
-        def claim(self, kind: str, limit: int = 100) -> list[dict]:
+        def claim(self, kind: str, limit: int = 100, exclude: list[str] | None = None) -> list[dict]:
             self.claims += 1
-            return self.claim_range(kind, batch["first"], batch["last"]) if self.claims <= rounds else []
+            if self.claims > rounds:
+                return []
+            skip = set(exclude or [])
+            rows = self.claim_range(kind, batch["first"], batch["last"])
+            for r in rows:  # an item excluded by run() (it keeps differing) goes back to failed, not left started
+                if r["key"] in skip:
+                    self.mark_failed(kind, r["key"], "checksum mismatch persists")
+            return [r for r in rows if r["key"] not in skip]
 
     m, _, src_cell, src_st, dst_st = _replication(ctx, mid)
     plan = load_plan(ctx, mid)
