@@ -757,14 +757,22 @@ def _chunk_sums_both(src_cell: Cell, dst_cell: Cell, plan: Plan, tables: list[st
     from orgmover.validation import chunk_checksums
 
     only = only or {}
+    # two connections per cell, the tables dealt largest first so both get about half the bytes
+    lanes: list[list[str]] = [[], []]
+    load = [0, 0]
+    for t in sorted(tables, key=lambda t: -(plan.tables[t].est_bytes or 0)):
+        i = load.index(min(load))
+        lanes[i].append(t)
+        load[i] += plan.tables[t].est_bytes or 1
 
-    def side(cell, source):
+    def side(cell, source, names):
         with cell.connect() as c:
-            return {t: chunk_checksums(c, plan.tables[t], source, *chunking[t], only=only.get(t)) for t in tables}
+            return {t: chunk_checksums(c, plan.tables[t], source, *chunking[t], only=only.get(t)) for t in names}
 
-    with ThreadPoolExecutor(2) as ex:
-        fs, fd = ex.submit(side, src_cell, True), ex.submit(side, dst_cell, False)
-        return fs.result(), fd.result()
+    with ThreadPoolExecutor(4) as ex:
+        fs = [ex.submit(side, src_cell, True, lane) for lane in lanes]
+        fd = [ex.submit(side, dst_cell, False, lane) for lane in lanes]
+        return {k: v for f in fs for k, v in f.result().items()}, {k: v for f in fd for k, v in f.result().items()}
 
 
 def _chunking_of(ctx: MoveContext, mid: int, plan: Plan, rows: dict, tables: list[str]) -> dict:
