@@ -82,17 +82,23 @@ def retained_bytes(conn: psycopg.Connection, name: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------- test_decoding lines
+def _quoted(s: str, i: int, q: str) -> tuple[str, int]:
+    """The token quoted with ``q`` starting at ``s[i]`` (a doubled ``q`` inside stands for one), and
+    the index after its closing quote."""
+    out, i = [], i + 1
+    while True:
+        j = s.index(q, i)
+        out.append(s[i:j])
+        if s.startswith(q, j + 1):
+            out.append(q)
+            i = j + 2
+        else:
+            return "".join(out), j + 1
+
+
 def _ident(s: str, i: int) -> tuple[str, int]:
     if s.startswith('"', i):
-        out, i = [], i + 1
-        while True:
-            j = s.index('"', i)
-            out.append(s[i:j])
-            if s.startswith('"', j + 1):
-                out.append('"')
-                i = j + 2
-            else:
-                return "".join(out), j + 1
+        return _quoted(s, i, '"')
     j = s.index("[", i)
     return s[i:j], j
 
@@ -113,17 +119,7 @@ def parse_fields(s: str, want: frozenset[str] | set[str] | None = None) -> dict[
         j = s.index("]:", i)
         i = j + 2
         if s.startswith("'", i):
-            buf, i = [], i + 1
-            while True:
-                k = s.index("'", i)
-                buf.append(s[i:k])
-                if s.startswith("'", k + 1):
-                    buf.append("'")
-                    i = k + 2
-                else:
-                    i = k + 1
-                    break
-            out[name] = "".join(buf)
+            out[name], i = _quoted(s, i, "'")
         else:
             k = s.find(" ", i)
             k = n if k < 0 else k

@@ -34,7 +34,7 @@ from orgmover.pgcopy import (INTEGER_TYPES, Progress, apply_deletions, check_sha
                              bind, delete_absent, delete_org_rows, key_collisions, key_filter, key_types, org_stats,
                              remap_tables,
                              row_transformer, sync_changed_rows, sync_keys, sync_shared_table)
-from orgmover.plan import Plan, Planner, TablePlan, qi
+from orgmover.plan import Plan, Planner, qi
 from orgmover.topology import NotFound, TopologyClient, VersionConflict
 from orgmover.tracking import Tracking
 from orgmover.validation import encrypted_diff, fk_violations
@@ -701,7 +701,7 @@ def _touched_rows(dst, plan: Plan, catalog: Catalog, rows: dict, captured, touch
         absent = {tuple(k) for k in detail.get("absent_keys") or []}
         written = sorted(k for k in captured.of(t) if k not in absent)
         if written:
-            parts.setdefault(t, []).append(bind(dst, *key_filter(tp, typ(tp), written)))
+            parts.setdefault(t, []).append(bind(dst, *key_filter(tp.key, typ(tp), written)))
     for t in touched:
         for fk in catalog[t].foreign_keys:
             parent = plan.tables.get(fk.ref_table)
@@ -712,8 +712,7 @@ def _touched_rows(dst, plan: Plan, catalog: Catalog, rows: dict, captured, touch
             if fk.ref_table in scan_deleted or pdetail.get("mode") != "captured":
                 full.add(t)
             elif gone and list(fk.ref_columns) == list(parent.key):
-                child = TablePlan(t, "org", "", "true", [], list(fk.columns))
-                parts.setdefault(t, []).append(bind(dst, *key_filter(child, typ(parent), gone)))
+                parts.setdefault(t, []).append(bind(dst, *key_filter(list(fk.columns), typ(parent), gone)))
             elif gone:
                 full.add(t)
     # a captured table with nothing written and no deleted parent has nothing to check: "false"
@@ -914,7 +913,7 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
                 res = TableValidation(t, tp.strategy, sn, dn, ss, ds)
             written = None
             if t in only and captured.of(t):  # the rows written since the baseline, on either cell
-                written = bind(s, *key_filter(tp, key_types(s, tp), sorted(captured.of(t))))
+                written = bind(s, *key_filter(tp.key, key_types(s, tp), sorted(captured.of(t))))
                 res.written = row_diff(s, d, tp, narrow=written).to_dict()
             if tp.encrypted:  # secrets of rows unchanged since a baseline where they were equal stand too
                 incremental = t in only and rows[t]["baseline"].get("secrets_equal")

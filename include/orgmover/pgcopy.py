@@ -435,6 +435,17 @@ def sync_changed_rows(src: psycopg.Connection, dst: psycopg.Connection, plan: Pl
             "extra_on_target": sum(dst_after.get(k, 0) - src_counts.get(k, 0) for k in differ)}
 
 
+def _delete_staged(dcur: psycopg.Cursor, tables: list[TablePlan]) -> dict[str, int]:
+    """Second step of a deletion: every table's rows to delete were staged in ``_om_gone_<i>`` first
+    (while the org predicate still saw their parents); delete them now. Returns rows per table."""
+    counts = {}
+    for i, tp in enumerate(tables):
+        match = " AND ".join(f"t.{qi(c)} = g.{qi(c)}" for c in tp.key)
+        dcur.execute(f"DELETE FROM {qi(tp.table)} t USING _om_gone_{i} g WHERE {match}")
+        counts[tp.table] = dcur.rowcount
+    return counts
+
+
 def apply_deletions(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan,
                     todo: list[tuple[TablePlan, str | None, list[int], list[int]]],
                     logger: Callable[[str], None] | None = None) -> dict[str, int]:
@@ -455,10 +466,7 @@ def apply_deletions(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan
                 match = " AND ".join(f"t.{qi(c)} = k.{qi(c)}" for c in tp.key)
                 dcur.execute(f"CREATE TEMP TABLE _om_gone_{i} ON COMMIT DROP AS SELECT {keys} FROM {qi(tp.table)} t "
                              f"WHERE ({tp.where}) AND {in_chunks} AND NOT EXISTS (SELECT 1 FROM _om_src_{i} k WHERE {match})")
-            for i, (tp, _, _, _) in enumerate(todo):
-                match = " AND ".join(f"t.{qi(c)} = g.{qi(c)}" for c in tp.key)
-                dcur.execute(f"DELETE FROM {qi(tp.table)} t USING _om_gone_{i} g WHERE {match}")
-                counts[tp.table] = dcur.rowcount
+            counts = _delete_staged(dcur, [tp for tp, *_ in todo])
     src.commit()
     (logger or log.info)(f"deleted on the target {sum(counts.values()):,} rows deleted on the source since the pre-copy: "
                          + ", ".join(f"{t} {n}" for t, n in counts.items() if n))
@@ -473,14 +481,14 @@ def key_types(conn: psycopg.Connection, tp: TablePlan) -> list[str]:
     return [types[c] for c in tp.key]
 
 
-def key_filter(tp: TablePlan, types: list[str], keys: list[tuple], alias: str = "t") -> tuple[str, list]:
-    """SQL (and parameters) true for the rows whose key is in ``keys`` (text values as captured),
-    written so the primary-key index is used."""
-    if len(tp.key) == 1:
-        return f"{alias}.{qi(tp.key[0])} = ANY(%s::{types[0]}[])", [[k[0] for k in keys]]
-    cols = ", ".join(f"{alias}.{qi(c)}" for c in tp.key)
+def key_filter(columns: list[str], types: list[str], keys: list[tuple], alias: str = "t") -> tuple[str, list]:
+    """SQL (and parameters) true for the rows whose ``columns`` (a key, or a foreign key) are one of
+    ``keys`` (text values as captured), written so an index on them is used."""
+    if len(columns) == 1:
+        return f"{alias}.{qi(columns[0])} = ANY(%s::{types[0]}[])", [[k[0] for k in keys]]
+    cols = ", ".join(f"{alias}.{qi(c)}" for c in columns)
     arrays = ", ".join(f"%s::{t}[]" for t in types)
-    return f"({cols}) IN (SELECT * FROM unnest({arrays}))", [[k[i] for k in keys] for i in range(len(tp.key))]
+    return f"({cols}) IN (SELECT * FROM unnest({arrays}))", [[k[i] for k in keys] for i in range(len(columns))]
 
 
 def sync_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, keys: set[tuple],
@@ -502,7 +510,7 @@ def sync_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, k
             dcur.execute(f"CREATE TEMP TABLE _om_changed ON COMMIT DROP AS SELECT {cols} FROM {qi(tp.table)} WITH NO DATA")
             for i in range(0, len(ordered), batch):
                 part = ordered[i:i + batch]
-                cond = bind(src, *key_filter(tp, types, part))  # COPY takes no parameters
+                cond = bind(src, *key_filter(tp.key, types, part))  # COPY takes no parameters
                 sel = f"SELECT {', '.join('t.' + qi(c) for c in tp.columns)} FROM {qi(tp.table)} t WHERE ({tp.where_row or tp.where}) AND {cond}"
                 changed += stream_rows(src, dcur, sel, f"COPY _om_changed ({cols}) FROM STDIN", progress, transform)
             # the keys still the org's on the source, as text like the captured ones
@@ -541,14 +549,11 @@ def delete_absent(dst: psycopg.Connection, plan: Plan, todo: list[tuple[TablePla
         with dst.cursor() as dcur:
             dcur.execute("SET LOCAL session_replication_role = replica")
             for i, (tp, types, keys) in enumerate(todo):
-                cond, params = key_filter(tp, types, keys)
+                cond, params = key_filter(tp.key, types, keys)
                 kcols = ", ".join(f"t.{qi(c)}" for c in tp.key)
                 dcur.execute(f"CREATE TEMP TABLE _om_gone_{i} ON COMMIT DROP AS SELECT {kcols} FROM {qi(tp.table)} t "
                              f"WHERE ({tp.where_row or tp.where}) AND {cond}", params)
-            for i, (tp, _, _) in enumerate(todo):
-                match = " AND ".join(f"t.{qi(c)} = g.{qi(c)}" for c in tp.key)
-                dcur.execute(f"DELETE FROM {qi(tp.table)} t USING _om_gone_{i} g WHERE {match}")
-                counts[tp.table] = dcur.rowcount
+            counts = _delete_staged(dcur, [tp for tp, *_ in todo])
     (logger or log.info)(f"deleted on the target {sum(counts.values()):,} rows gone from the organization on the source "
                          "since the pre-copy: " + ", ".join(f"{t} {n}" for t, n in counts.items() if n))
     return counts
