@@ -161,6 +161,19 @@ def read_catalog(conn: psycopg.Connection, schema: str = "public") -> Catalog:
     return Catalog({t.name: t for t in tables.values()}, version)
 
 
+def read_foreign_keys(conn: psycopg.Connection, schema: str = "public") -> Catalog:
+    """The tables of ``schema`` with their foreign keys only (no columns, keys or sizes): what the
+    foreign-key check needs, at a fraction of :func:`read_catalog`'s cost (it runs in the write window)."""
+    tables = {oid: Table(name=name, columns=[], primary_key=[], unique_keys=[], foreign_keys=[])
+              for oid, name in conn.execute("SELECT c.oid, c.relname FROM pg_class c JOIN pg_namespace n ON "
+                                            "n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind IN ('r', 'p') "
+                                            "AND NOT c.relispartition", (schema,))}
+    for relid, conname, contype, cols, ref, refcols in conn.execute(_CONSTRAINTS, (schema,)):
+        if contype == "f" and relid in tables:
+            tables[relid].foreign_keys.append(ForeignKey(conname, list(cols), ref, list(refcols)))
+    return Catalog({t.name: t for t in tables.values()}, None)
+
+
 # ---------------------------------------------------------------- the table dictionary (db/docs)
 
 ORG_SCHEMAS = {"gitlab_main_org", "gitlab_main_cell", "gitlab_main_user", "gitlab_ci", "gitlab_sec"}

@@ -8,10 +8,15 @@ separate secret (``orgmover_cell_<name>_key``) so it can live in a secrets backe
 
 from __future__ import annotations
 
+import os
 import re
+import select
+import threading
+import time
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from orgmover.errors import ConfigError
 
@@ -33,6 +38,93 @@ def key_conn_id_for(cell: str) -> str:
     return conn_id_for(cell) + "_key"
 
 
+SESSION = ("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; "
+           "SET extra_float_digits = 1; SET bytea_output = 'hex'")
+
+
+class _Idle:
+    """Connections a task closed cleanly, kept a few seconds for its next ``Cell.connect`` to the same
+    cell: in the write window a task opens a dozen connections, and each new one costs a backend start
+    (3-5 ms). Only autocommit connections outside a transaction are kept; one whose server closed it
+    (its socket is readable while idle), or idle longer than ``ORGMOVER_PG_IDLE_SECONDS`` (default 10,
+    0 turns keeping off), is closed instead. A forked child forgets its parent's."""
+
+    limit = 8  # per DSN
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conns: dict[str, list[tuple[float, "CellConnection"]]] = {}
+        self.pid = os.getpid()
+
+    @staticmethod
+    def seconds() -> float:
+        return float(os.environ.get("ORGMOVER_PG_IDLE_SECONDS", "10"))
+
+    def get(self, dsn: str) -> "CellConnection | None":
+        now = time.monotonic()
+        while True:
+            with self.lock:
+                if self.pid != os.getpid():  # sockets shared with the parent: never used here
+                    self.conns, self.pid = {}, os.getpid()
+                stack = self.conns.get(dsn)
+                if not stack:
+                    return None
+                since, conn = stack.pop()
+            if now - since <= self.seconds() and _healthy(conn):
+                return conn
+            conn._discard()
+
+    def put(self, dsn: str, conn: "CellConnection") -> bool:
+        if self.seconds() <= 0 or os.getpid() != self.pid or not _healthy(conn):
+            return False
+        with self.lock:
+            stack = self.conns.setdefault(dsn, [])
+            if len(stack) >= self.limit:
+                return False
+            stack.append((time.monotonic(), conn))
+        return True
+
+    def clear(self) -> None:
+        with self.lock:
+            conns, self.conns = self.conns, {}
+        for stack in conns.values():
+            for _, c in stack:
+                c._discard()
+
+
+def _healthy(conn: psycopg.Connection) -> bool:
+    if conn.closed or conn.broken or not conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:
+        return False
+    try:  # an idle connection has nothing to read unless the server closed it (or sent a notice)
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable
+
+
+_idle = _Idle()
+
+
+class CellConnection(psycopg.Connection):
+    """A connection to a cell; closing it (or leaving its ``with`` block without an error) keeps it for
+    the next ``Cell.connect`` of this process when it is clean (see :class:`_Idle`)."""
+
+    _om_dsn: str | None = None
+
+    def close(self) -> None:
+        if self._om_dsn is None or not _idle.put(self._om_dsn, self):
+            self._discard()
+
+    def _discard(self) -> None:
+        self._om_dsn = None
+        super().close()
+
+    def __exit__(self, exc_type, exc_val, exc_tb) -> None:
+        if exc_type is not None:
+            self._om_dsn = None  # after an error the session's state is not known: never kept
+        super().__exit__(exc_type, exc_val, exc_tb)
+
+
 @dataclass
 class Cell:
     name: str
@@ -49,14 +141,21 @@ class Cell:
         transaction that commits at its end (never a savepoint inside a transaction left open by an
         earlier read), which is what makes a copied chunk durable exactly when it is recorded."""
         kw.setdefault("autocommit", True)
+        keep = kw == {"autocommit": True}
+        if keep:
+            conn = _idle.get(self.dsn)
+            if conn is not None:
+                conn._om_dsn = self.dsn
+                return conn
         try:
-            conn = psycopg.connect(self.dsn, connect_timeout=10, **kw)
+            conn = CellConnection.connect(self.dsn, connect_timeout=10, **kw)
         except psycopg.OperationalError as e:
             raise ConfigError(f"cell {self.name}: PostgreSQL is not reachable ({str(e).strip().splitlines()[0]})") from e
-        conn.execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; "
-                     "SET extra_float_digits = 1; SET bytea_output = 'hex'")
+        conn.execute(SESSION)
         if not kw.get("autocommit"):
             conn.commit()
+        if keep:
+            conn._om_dsn = self.dsn
         return conn
 
     @property

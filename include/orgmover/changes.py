@@ -24,6 +24,10 @@ import psycopg
 
 PLUGIN = "test_decoding"
 _HEAD = re.compile(r"^table (?P<table>.+?): (?P<action>INSERT|UPDATE|DELETE|TRUNCATE):(?P<rest>.*)$", re.S)
+# the common case, without parsing the tuple: a plain table name and a tuple that starts with an integer
+# column (the key, when it is the table's single key column); anything else goes through parse_change
+_FAST = re.compile(r"table (?P<table>[A-Za-z0-9_.$]+): (?P<action>INSERT|UPDATE|DELETE): (?:new-tuple: )?"
+                   r"(?P<col>[a-z_][a-z0-9_$]*)\[[^\]]+\]:(?P<value>-?[0-9]+)(?: |$)")
 
 
 class CaptureUnavailable(Exception):
@@ -139,10 +143,11 @@ class Change:
     new: dict | None      # new tuple (INSERT, UPDATE)
 
 
-def parse_change(line: str, want: frozenset[str] | set[str] | None = None) -> Change | None:
+def parse_change(line: str, want: frozenset[str] | set[str] | None = None, head: re.Match | None = None) -> Change | None:
     """One line of test_decoding output; None for BEGIN/COMMIT/messages. With ``want`` (key columns),
-    a tuple is parsed only until those are found."""
-    m = _HEAD.match(line)
+    a tuple is parsed only until those are found. ``head``: the line's match of ``_HEAD``, when the
+    caller has it already."""
+    m = head or _HEAD.match(line)
     if not m:
         return None
     table, action, rest = m.group("table"), m.group("action"), m.group("rest").strip()
@@ -208,6 +213,7 @@ def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str
 
     out = CapturedChanges()
     wanted = {t: frozenset(k) for t, k in tables.items()}
+    named: dict[str, str | None] = {}  # table as written in the stream -> the plan's table (or None)
     if not slot_exists(conn, name):
         raise CaptureUnavailable(f"replication slot {name} does not exist (dropped or invalidated)")
     upto = flush_point(conn)
@@ -221,14 +227,30 @@ def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str
                 for (line,) in lines:
                     if not line.startswith("table "):
                         continue
+                    fast = _FAST.match(line)
+                    if fast is not None:
+                        written = fast.group("table")
+                        if written not in named:
+                            bare = _bare(written, schema)
+                            named[written] = root(bare) if bare is not None else None
+                        t = named[written]
+                        if t is None:
+                            continue
+                        if tables[t] == [fast.group("col")]:
+                            out.changes += 1
+                            out.keys.setdefault(t, set()).add((fast.group("value"),))
+                            continue
                     head = _HEAD.match(line)
                     if head is None:
                         continue
-                    bare = _bare(head.group("table"), schema)
-                    t = root(bare) if bare is not None else None
+                    written = head.group("table")
+                    if written not in named:
+                        bare = _bare(written, schema)
+                        named[written] = root(bare) if bare is not None else None
+                    t = named[written]
                     if t is None:
                         continue
-                    ch = parse_change(line, wanted[t])
+                    ch = parse_change(line, wanted[t], head)
                     out.changes += 1
                     key = tables[t]
                     if ch.action == "TRUNCATE":

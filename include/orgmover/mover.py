@@ -14,10 +14,10 @@ resumes from what is recorded. Invariants:
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Callable
 import psycopg
 
 from orgmover import report
-from orgmover.catalog import Catalog, load_dictionary, read_catalog
+from orgmover.catalog import Catalog, load_dictionary, read_catalog, read_foreign_keys
 from orgmover.cells import Cell, check_cell_name
 from orgmover.errors import (ClassificationError, ConfigError, OrgMoverError, PreflightError, StateError,
                              ValidationFailed)
@@ -489,7 +489,6 @@ def copy_tables(ctx: MoveContext, mid: int, tables: list[str], workers: int = 2)
     for all its tables (what the DAG's mapped copy tasks do across workers; the CLI and the benchmark
     use this)."""
     import threading
-    from concurrent.futures import ThreadPoolExecutor
 
     m, plan = ctx.tracking.get(mid), load_plan(ctx, mid)
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
@@ -522,18 +521,17 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4) -> list[str]:
     tables to validate. One task instead of one per table: in the window, per-task overhead is writes
     blocked for nothing."""
     import queue
-    from concurrent.futures import ThreadPoolExecutor
 
     m = ctx.tracking.get(mid)
     _require_maintenance(ctx, m)
     plan = load_plan(ctx, mid)
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
     t0 = time.monotonic()
-    background = ThreadPoolExecutor(1)  # the target's catalog (for the foreign-key check) meanwhile
+    background = ThreadPoolExecutor(1)  # the target's foreign keys (for their check) meanwhile
 
     def target_catalog():
         with dst_cell.connect() as c:
-            return read_catalog(c)
+            return read_foreign_keys(c)
 
     catalog_future = background.submit(target_catalog)
     background.shutdown(wait=False)
@@ -657,7 +655,7 @@ def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | 
         # tables with rows written or deleted, and tables referencing a table with deletions
         deleted = {tp.table for tp, *_ in todo} | {t for t, n in gone.items() if n}
         changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | deleted
-        catalog = catalog or read_catalog(dst)
+        catalog = catalog or read_foreign_keys(dst)
         touched = changed | {t for t in plan.tables if any(fk.ref_table in deleted for fk in catalog[t].foreign_keys)}
         only = _touched_rows(dst, plan, catalog, rows, captured, touched, {tp.table for tp, *_ in todo})
         problems = fk_violations(dst, plan, catalog, tables=touched, only=only)
@@ -726,7 +724,7 @@ def check_foreign_keys(ctx: MoveContext, mid: int, tables: set[str] | None = Non
     m = ctx.tracking.get(mid)
     plan = load_plan(ctx, mid)
     with ctx.cell(m["target_cell"]).connect() as dst:
-        problems = fk_violations(dst, plan, catalog or read_catalog(dst), tables=tables, only=only)
+        problems = fk_violations(dst, plan, catalog or read_foreign_keys(dst), tables=tables, only=only)
     if problems:
         raise ValidationFailed("foreign keys of the organization's rows are broken on the target:\n  - " + "\n  - ".join(problems))
     ctx.log(f"foreign keys of organization {m['organization_id']} on {m['target_cell']}: all resolved")
@@ -751,8 +749,6 @@ def _chunk_sums_both(src_cell: Cell, dst_cell: Cell, plan: Plan, tables: list[st
                      only: dict[str, list[int]] | None = None) -> tuple[dict, dict]:
     """Per table, {chunk: (rows, checksum)} on each cell (all chunks, or ``only[table]``'s), each cell
     on its own connection, the two cells in parallel."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from orgmover.validation import chunk_checksums
 
     only = only or {}
@@ -880,8 +876,10 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     t0 = time.monotonic()
     only: dict[str, list[int]] = {}
     if not full and m["maintenance_window"]:
-        captured = _captured_changes(ctx, m, src_cell, plan)
-        on_target = _captured_changes(ctx, m, dst_cell, plan, "capture_target_slot") if captured is not None else None
+        with ThreadPoolExecutor(2) as ex:  # both cells' slots at once
+            f_src = ex.submit(_captured_changes, ctx, m, src_cell, plan)
+            f_dst = ex.submit(_captured_changes, ctx, m, dst_cell, plan, "capture_target_slot")
+            captured, on_target = f_src.result(), f_dst.result()
         if captured is not None and on_target is not None:
             for t, keys in on_target.keys.items():  # written on either cell since the baseline
                 captured.keys.setdefault(t, set()).update(keys)
@@ -899,6 +897,19 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
         ctx.log(f"validation in the window: {len(only)} tables against their baseline: {n_keys:,} rows written since "
                 f"compared row by row, {sum(len(c) for c in only.values())} of {n_all} chunks checksummed again "
                 f"(differing in the baseline); {len(summed) - len(only)} tables checked in full")
+
+    def compare_written(t: str) -> tuple[str, str, dict]:
+        """The rows of ``t`` written since the baseline, on either cell, compared by key."""
+        tp = plan.tables[t]
+        with src_cell.connect() as s, dst_cell.connect() as d:
+            cond = bind(s, *key_filter(tp.key, key_types(s, tp), sorted(captured.of(t))))
+            return t, cond, row_diff(s, d, tp, picked=cond).to_dict()
+
+    written_rows: dict[str, tuple[str, dict]] = {}
+    if only:
+        with ThreadPoolExecutor(2) as ex:  # two tables at a time, each on its own connections
+            for t, cond, diff in ex.map(compare_written, [t for t in todo if t in only and captured.of(t)]):
+                written_rows[t] = (cond, diff)
     bad = 0
     pending: dict[str, dict] = {}
     flushed = time.monotonic()
@@ -912,14 +923,13 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
                 (sn, ss), (dn, ds) = total(src_sums[t]), total(dst_sums[t])
                 res = TableValidation(t, tp.strategy, sn, dn, ss, ds)
             written = None
-            if t in only and captured.of(t):  # the rows written since the baseline, on either cell
-                written = bind(s, *key_filter(tp.key, key_types(s, tp), sorted(captured.of(t))))
-                res.written = row_diff(s, d, tp, narrow=written).to_dict()
+            if t in written_rows:  # the rows written since the baseline, on either cell
+                written, res.written = written_rows[t]
             if tp.encrypted:  # secrets of rows unchanged since a baseline where they were equal stand too
                 incremental = t in only and rows[t]["baseline"].get("secrets_equal")
                 if not incremental or written:
                     res.encrypted = encrypted_diff(s, d, tp, src_cell.key, dst_cell.key,
-                                                   narrow=written if incremental else "true").to_dict()
+                                                   picked=written if incremental else None).to_dict()
             if (sn, ss) != (dn, ds) and t not in lookups:
                 # the row diff reads only the chunks whose checksums differ
                 sc, dc = src_sums[t], dst_sums[t]

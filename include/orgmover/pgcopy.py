@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -304,6 +305,7 @@ __all__ = ["CopyResult", "Progress", "sync_shared_table", "key_collisions", "del
 
 # ---------------------------------------------------------------------------- chunks and change sync
 INTEGER_TYPES = {"bigint", "integer", "smallint"}
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def chunk_bounds(conn: psycopg.Connection, tp: TablePlan, column: str, chunk_rows: int) -> list[int]:
@@ -475,6 +477,9 @@ def apply_deletions(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan
 
 # ---------------------------------------------------------------------------- sync by captured keys
 def key_types(conn: psycopg.Connection, tp: TablePlan) -> list[str]:
+    """SQL types of the table's key columns: from the plan, or (a plan recorded without them) the catalog."""
+    if tp.key_types:
+        return tp.key_types
     types = dict(conn.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
                               "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
                               (qi(tp.table),)).fetchall())
@@ -485,7 +490,11 @@ def key_filter(columns: list[str], types: list[str], keys: list[tuple], alias: s
     """SQL (and parameters) true for the rows whose ``columns`` (a key, or a foreign key) are one of
     ``keys`` (text values as captured), written so an index on them is used."""
     if len(columns) == 1:
-        return f"{alias}.{qi(columns[0])} = ANY(%s::{types[0]}[])", [[k[0] for k in keys]]
+        values = [k[0] for k in keys]
+        if types[0] in INTEGER_TYPES and all(_INTEGER.fullmatch(str(v)) for v in values):
+            # an array literal: much cheaper to pass than a list of 1M strings
+            return f"{alias}.{qi(columns[0])} = ANY(%s::{types[0]}[])", ["{" + ",".join(map(str, values)) + "}"]
+        return f"{alias}.{qi(columns[0])} = ANY(%s::{types[0]}[])", [values]
     cols = ", ".join(f"{alias}.{qi(c)}" for c in columns)
     arrays = ", ".join(f"%s::{t}[]" for t in types)
     return f"({cols}) IN (SELECT * FROM unnest({arrays}))", [[k[i] for k in keys] for i in range(len(columns))]
@@ -500,7 +509,6 @@ def sync_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, k
     as ``absent``; they are deleted by :func:`delete_absent` once every table is synced."""
     progress = Progress(f"sync {tp.table}", logger=logger)
     cols = ", ".join(qi(c) for c in tp.columns)
-    match = " AND ".join(f"t.{qi(c)} = s.{qi(c)}" for c in tp.key)
     types = key_types(src, tp)
     ordered = sorted(keys)
     changed = 0
@@ -511,11 +519,14 @@ def sync_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, k
             for i in range(0, len(ordered), batch):
                 part = ordered[i:i + batch]
                 cond = bind(src, *key_filter(tp.key, types, part))  # COPY takes no parameters
-                sel = f"SELECT {', '.join('t.' + qi(c) for c in tp.columns)} FROM {qi(tp.table)} t WHERE ({tp.where_row or tp.where}) AND {cond}"
+                sel = tp.picked_sql(cond, ", ".join("t." + qi(c) for c in tp.columns))
                 changed += stream_rows(src, dcur, sel, f"COPY _om_changed ({cols}) FROM STDIN", progress, transform)
             # the keys still the org's on the source, as text like the captured ones
             present = {tuple(r) for r in dcur.execute(f"SELECT {', '.join(f's.{qi(c)}::text' for c in tp.key)} FROM _om_changed s")}
-            dcur.execute(f"DELETE FROM {qi(tp.table)} t USING _om_changed s WHERE {match}")
+            # by key array, not a join with the temporary table: it has no statistics, and PostgreSQL would
+            # scan the whole table of the cell to join it
+            cond, params = key_filter(tp.key, types, sorted(present))
+            dcur.execute(f"DELETE FROM {qi(tp.table)} t WHERE {cond}", params)
             dcur.execute(f"INSERT INTO {qi(tp.table)} ({cols}) SELECT {cols} FROM _om_changed")
     absent = sorted(k for k in keys if k not in present)
     (logger or log.info)(f"sync {tp.table}: {len(keys):,} keys written since the pre-copy: {changed:,} rows re-copied, "
@@ -551,8 +562,7 @@ def delete_absent(dst: psycopg.Connection, plan: Plan, todo: list[tuple[TablePla
             for i, (tp, types, keys) in enumerate(todo):
                 cond, params = key_filter(tp.key, types, keys)
                 kcols = ", ".join(f"t.{qi(c)}" for c in tp.key)
-                dcur.execute(f"CREATE TEMP TABLE _om_gone_{i} ON COMMIT DROP AS SELECT {kcols} FROM {qi(tp.table)} t "
-                             f"WHERE ({tp.where_row or tp.where}) AND {cond}", params)
+                dcur.execute(f"CREATE TEMP TABLE _om_gone_{i} ON COMMIT DROP AS {tp.picked_sql(cond, kcols)}", params)
             counts = _delete_staged(dcur, [tp for tp, *_ in todo])
     (logger or log.info)(f"deleted on the target {sum(counts.values()):,} rows gone from the organization on the source "
                          "since the pre-copy: " + ", ".join(f"{t} {n}" for t, n in counts.items() if n))

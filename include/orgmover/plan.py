@@ -72,11 +72,21 @@ class TablePlan:
     est_bytes: int = 0
     inferred: bool = False
     value_map: dict = field(default_factory=dict)  # shared tables: configured source -> target match value
-    where_row: str | None = None        # ``where``, cheaper when few rows are picked by key (see Planner._any_of)
+    where_key: str | None = None        # ``where`` for rows already picked by key (see :meth:`picked_sql`)
+    key_types: list[str] = field(default_factory=list)  # SQL types of ``key``, as format_type() writes them
 
     def select_sql(self, columns: list[str] | None = None) -> str:
         cols = ", ".join(f"t.{qi(c)}" for c in (columns or self.columns))
         return f"SELECT {cols} FROM {qi(self.table)} t WHERE {self.where}"
+
+    def picked_sql(self, cond: str, columns: str = "t.*") -> str:
+        """SELECT of the organization's rows among the few that ``cond`` (a key filter over alias t)
+        picks: the rows are fetched by key first and the organization predicate is checked on those
+        alone, parent by parent (``where_key``). The fence (OFFSET 0) keeps PostgreSQL from starting at
+        the organization's parent rows, which it does when their statistics are stale, and the cost
+        follows the number of keys, not the organization's size."""
+        return (f"SELECT {columns} FROM (SELECT * FROM {qi(self.table)} t WHERE {cond} OFFSET 0) t "
+                f"WHERE {self.where_key or self.where}")
 
     @property
     def needs_transform(self) -> bool:
@@ -89,6 +99,8 @@ class TablePlan:
     def from_dict(cls, d: dict) -> "TablePlan":
         d = dict(d)
         d["remaps"] = [Remap(**r) for r in d.get("remaps", [])]
+        if "where_row" in d:  # plans recorded by earlier versions: the plain-OR form, also correct for rows picked by key
+            d["where_key"] = d.pop("where_row")
         return cls(**d)
 
 
@@ -165,7 +177,11 @@ class Planner:
                 self._class_to_table[c.split("::")[-1]] = e.table_name
         self._strategy: dict[str, str] = {}
         self._pred: dict[str, tuple[str, str, bool]] = {}   # table -> (predicate template with {a}, how, inferred)
-        self._or_forms: dict[str, str] = {}   # UNION form of a predicate template -> the same as a plain OR
+        self._types: dict[tuple[str, str], list[str]] = {}   # distinct values of polymorphic type columns
+        # the keyed planner: the same predicates written for rows already picked by key (correlated
+        # EXISTS per parent, plain OR instead of UNION); see TablePlan.picked_sql
+        self.keyed = False
+        self._base: Planner | None = None
         self._visiting: set[str] = set()
         self._alias = 0
         self.errors: list[str] = []
@@ -194,7 +210,7 @@ class Planner:
 
     def _next_alias(self) -> str:
         self._alias += 1
-        return f"t{self._alias}"
+        return f"{'k' if self.keyed else 't'}{self._alias}"
 
     # ------------------------------------------------------------------ predicates
     def predicate(self, table: str, alias: str, org_id: int) -> str:
@@ -218,6 +234,8 @@ class Planner:
             return f"{{a}}.{qi(col)} = {{org}}"
         b = self._next_alias()
         inner = tpl.replace("{a}", b)
+        if self.keyed:  # one index lookup per picked row and parent
+            return f"EXISTS (SELECT 1 FROM {qi(ref_table)} {b} WHERE {b}.{qi(ref_col)} = {{a}}.{qi(col)} AND {inner})"
         return f"{{a}}.{qi(col)} IN (SELECT {b}.{qi(ref_col)} FROM {qi(ref_table)} {b} WHERE {inner})"
 
     def _root_column(self, table: str) -> str | None:
@@ -267,23 +285,21 @@ class Planner:
         if len(parts) == 1:
             return parts[0]
         key = self.catalog.tables[table].key
-        if not key:
+        if not key or self.keyed:
             return "(" + " OR ".join(parts) + ")"
         b = self._next_alias()
         cols = ", ".join(f"{b}.{qi(c)}" for c in key)
         branches = " UNION ".join(f"SELECT {cols} FROM {qi(table)} {b} WHERE {p.replace('{a}', b)}" for p in parts)
         lhs = f"{{a}}.{qi(key[0])}" if len(key) == 1 else "(" + ", ".join(f"{{a}}.{qi(c)}" for c in key) + ")"
-        union = f"{lhs} IN ({branches})"
-        # for rows already picked by key (the write window) the plain OR is cheaper: the UNION would
-        # compute all the org's rows of this table first
-        self._or_forms[union] = "(" + " OR ".join(parts) + ")"
-        return union
+        return f"{lhs} IN ({branches})"
 
     def _distinct_types(self, table: str, type_col: str) -> list[str]:
         if self.conn is None:
             return []
-        rows = self.conn.execute(f"SELECT DISTINCT {qi(type_col)} FROM {qi(table)} WHERE {qi(type_col)} IS NOT NULL").fetchall()
-        return sorted(r[0] for r in rows)
+        if (table, type_col) not in self._types:
+            rows = self.conn.execute(f"SELECT DISTINCT {qi(type_col)} FROM {qi(table)} WHERE {qi(type_col)} IS NOT NULL").fetchall()
+            self._types[(table, type_col)] = sorted(r[0] for r in rows)
+        return self._types[(table, type_col)]
 
     def _predicate_template(self, table: str) -> tuple[str, str, bool]:
         if table in self._pred:
@@ -350,9 +366,15 @@ class Planner:
             inner = self._predicate_template(fk.ref_table)[0].replace("{a}", b)
             cols = ", ".join(f"{{a}}.{qi(c)}" for c in fk.columns)
             refs = ", ".join(f"{b}.{qi(c)}" for c in fk.ref_columns)
+            if self.keyed:
+                match = " AND ".join(f"{b}.{qi(r)} = {{a}}.{qi(c)}" for c, r in zip(fk.columns, fk.ref_columns))
+                return (f"EXISTS (SELECT 1 FROM {qi(fk.ref_table)} {b} WHERE {match} AND {inner})",
+                        f"inferred: foreign key ({', '.join(fk.columns)}) -> {fk.ref_table}", True)
             return (f"({cols}) IN (SELECT {refs} FROM {qi(fk.ref_table)} {b} WHERE {inner})",
                     f"inferred: foreign key ({', '.join(fk.columns)}) -> {fk.ref_table}", True)
         self_fks = [fk for fk in t.foreign_keys if fk.ref_table == table and len(fk.columns) == 1]
+        if org_fks and self_fks and self.keyed:  # the tree is walked as a set, from its roots
+            return self._base._predicate_template(table)
         if org_fks and self_fks:
             # a self-referencing tree: roots carry the org link, descendants reach it through the parent chain
             parent = self_fks[0]
@@ -421,8 +443,14 @@ class Planner:
         return ("(" + " OR ".join(ors) + ")" if len(ors) > 1 else ors[0]) if ors else "false"
 
     # ------------------------------------------------------------------ the plan
+    def _keyed_planner(self) -> "Planner":
+        k = Planner(self.catalog, self.dictionary, self.conn)
+        k.keyed, k._base, k._types = True, self, self._types
+        return k
+
     def build(self, org_id: int) -> Plan:
         plans: dict[str, TablePlan] = {}
+        keyed = self._keyed_planner()
         errors: list[str] = []
         for name in sorted(self.dictionary):
             if name not in self.catalog.tables:
@@ -444,6 +472,7 @@ class Planner:
                 key = t.key
                 if key is None:
                     raise ClassificationError(f"table {name}: no primary key and no unique key of NOT NULL columns")
+                key_types = [t.column(c).type for c in key]
                 enc = list((e.org_mover.get("encrypted_columns") if e else None) or [])
                 for spec in enc:
                     for c in (spec["column"], spec.get("iv_column")):
@@ -452,16 +481,16 @@ class Planner:
                 if s == "org":
                     tpl, how, inferred = self._predicate_template(name)
                     where = tpl.replace("{a}", "t").replace("{org}", str(int(org_id)))
-                    row_tpl = self._or_forms.get(tpl)
+                    key_tpl = keyed._predicate_template(name)[0]
                     plans[name] = TablePlan(name, "org", how, where, t.copy_columns, key, encrypted=enc, inferred=inferred,
-                                            where_row=row_tpl.replace("{a}", "t").replace("{org}", str(int(org_id)))
-                                            if row_tpl else None)
+                                            key_types=key_types, where_key=key_tpl.replace("{a}", "t").replace("{org}", str(int(org_id))))
                 else:  # shared
                     match_on = list(e.org_mover.get("match_on") or key)
                     plans[name] = TablePlan(
                         name, "shared", "", self._shared_predicate(name, org_id), t.copy_columns, key,
                         match_on=match_on, insert_missing=bool(e.org_mover.get("insert_missing", True)),
-                        compare_columns=list(e.org_mover.get("compare_columns") or []), encrypted=enc)
+                        compare_columns=list(e.org_mover.get("compare_columns") or []), encrypted=enc,
+                        key_types=key_types)
                     refs = self._shared_references(name)
                     plans[name].how = (f"shared, matched on {', '.join(match_on)}; "
                                        f"{'missing rows inserted' if plans[name].insert_missing else 'must exist on the target'}; "

@@ -240,13 +240,17 @@ class Tracking:
 
     def update_tables(self, mid: int, fields_by_table: dict[str, dict[str, Any]]) -> None:
         """Several tables' fields in one transaction."""
+        groups: dict[tuple[str, ...], list[dict]] = {}  # tables setting the same fields: one executemany
+        for name, fields in fields_by_table.items():
+            params = {k: (Jsonb(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+            params.update(_m=mid, _t=name)
+            groups.setdefault(tuple(fields), []).append(params)
         with self.conn() as c:
-            for name, fields in fields_by_table.items():
-                sets = ", ".join(f"{k} = %({k})s" for k in fields)
-                params = {k: (Jsonb(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
-                params.update(_m=mid, _t=name)
-                c.execute(f"UPDATE orgmover.tables SET {sets}, updated_at = now() WHERE migration_id = %(_m)s "
-                          f"AND table_name = %(_t)s", params)
+            with c.cursor() as cur:
+                for keys, rows in groups.items():
+                    sets = ", ".join(f"{k} = %({k})s" for k in keys)
+                    cur.executemany(f"UPDATE orgmover.tables SET {sets}, updated_at = now() WHERE migration_id = %(_m)s "
+                                    f"AND table_name = %(_t)s", rows)
 
     # -------------------------------------------------------------- chunks (resumable copy)
     def init_chunks(self, mid: int, table: str, bounds: list[int]) -> None:

@@ -125,13 +125,21 @@ class DiffResult:
         return asdict(self)
 
 
+def _org_rows(tp: TablePlan, columns: str, narrow: str = "true", picked: str | None = None) -> str:
+    """SELECT ``columns`` of the org's rows of ``tp`` (alias t): all, those ``narrow`` selects (e.g. some
+    chunks), or the few a key filter ``picked`` selects (looked up by key, see TablePlan.picked_sql)."""
+    if picked is not None:
+        return tp.picked_sql(picked, columns)
+    where = tp.where if narrow == "true" else f"({tp.where}) AND ({narrow})"
+    return f"SELECT {columns} FROM {qi(tp.table)} t WHERE {where}"
+
+
 def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, name: str, batch: int = 10000, source: bool = False,
-                  narrow: str = "true"):
+                  narrow: str = "true", picked: str | None = None):
     vm = tp.value_map if (source and tp.strategy == "shared") else {}
     key = "ROW(" + ", ".join(_mapped(f"t.{qi(c)}", vm) if vm else f"t.{qi(c)}" for c in identity(tp)) + ")::text"
-    where = tp.where if narrow == "true" else (tp.where_row or tp.where)  # few rows picked: the plain-OR form
-    sql = (f"SELECT {key} AS k, hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0) AS h "
-           f"FROM {qi(tp.table)} t WHERE ({where}) AND ({narrow}) ORDER BY {key} COLLATE \"C\"")
+    sql = (_org_rows(tp, f"{key} AS k, hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0) AS h", narrow, picked)
+           + f" ORDER BY {key} COLLATE \"C\"")
     with conn.transaction():
         with conn.cursor(name=name) as cur:
             cur.itersize = batch
@@ -168,23 +176,23 @@ def _merge_diff(src_iter, dst_iter, samples: int) -> DiffResult:
 
 
 def row_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, samples: int = 10,
-             narrow: str = "true") -> DiffResult:
+             narrow: str = "true", picked: str | None = None) -> DiffResult:
     """Row-level diff of the org's rows of one table (streamed merge in key order); ``narrow``: only
-    the rows of the chunks whose checksums differ. Rows outside it matched by chunk checksum and are
-    not counted."""
-    return _merge_diff(_keyed_hashes(src, tp, "om_diff_src", source=True, narrow=narrow),
-                       _keyed_hashes(dst, tp, "om_diff_dst", narrow=narrow), samples)
+    the rows of the chunks whose checksums differ (rows outside it matched by chunk checksum and are
+    not counted); ``picked``: only the rows of a key filter (the rows written since the baseline)."""
+    return _merge_diff(_keyed_hashes(src, tp, "om_diff_src", source=True, narrow=narrow, picked=picked),
+                       _keyed_hashes(dst, tp, "om_diff_dst", narrow=narrow, picked=picked), samples)
 
 
-def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, name: str, narrow: str = "true"):
+def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, name: str, narrow: str = "true",
+                   picked: str | None = None):
     specs = [ColumnSpec.from_doc(s) for s in tp.encrypted]
     cols = []
     for s in specs:
         cols.append(f"t.{qi(s.column)}")
         cols.append(f"t.{qi(s.iv_column)}" if s.iv_column else "NULL")
     keyexpr = "ROW(" + ", ".join(f"t.{qi(c)}" for c in identity(tp)) + ")::text"
-    where = tp.where if narrow == "true" else f"({tp.where_row or tp.where}) AND ({narrow})"
-    sql = f"SELECT {keyexpr}, {', '.join(cols)} FROM {qi(tp.table)} t WHERE {where} ORDER BY {keyexpr} COLLATE \"C\""
+    sql = _org_rows(tp, f"{keyexpr}, {', '.join(cols)}", narrow, picked) + f" ORDER BY {keyexpr} COLLATE \"C\""
     with conn.transaction():
         with conn.cursor(name=name) as cur:
             cur.itersize = 5000
@@ -201,15 +209,15 @@ def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, n
 
 
 def encrypted_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, src_key: bytes | None,
-                   dst_key: bytes | None, samples: int = 10, narrow: str = "true") -> DiffResult:
-    """Compare encrypted columns by their plaintext (decrypted with each cell's own key); ``narrow``:
-    only these rows (e.g. the ones written since the baseline)."""
+                   dst_key: bytes | None, samples: int = 10, narrow: str = "true", picked: str | None = None) -> DiffResult:
+    """Compare encrypted columns by their plaintext (decrypted with each cell's own key); ``narrow`` or
+    ``picked`` (a key filter): only these rows (e.g. the ones written since the baseline)."""
     if not tp.encrypted:
         return DiffResult()
     if src_key is None or dst_key is None:
         raise SecretError(f"{tp.table} has encrypted columns but a cell key is not configured")
-    return _merge_diff(_plain_digests(src, tp, src_key, "om_enc_src", narrow),
-                       _plain_digests(dst, tp, dst_key, "om_enc_dst", narrow), samples)
+    return _merge_diff(_plain_digests(src, tp, src_key, "om_enc_src", narrow, picked),
+                       _plain_digests(dst, tp, dst_key, "om_enc_dst", narrow, picked), samples)
 
 
 @dataclass

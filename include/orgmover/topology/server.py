@@ -15,8 +15,9 @@ import argparse
 import hmac
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -191,13 +193,35 @@ def ensure_schema(dsn: str) -> None:
             conn.execute(SCHEMA_SQL)
 
 
-@contextmanager
-def _transaction(dsn: str) -> Iterator[Cursor]:
-    """Open a connection and yield a dict-row cursor inside one transaction."""
-    with psycopg.connect(dsn, autocommit=False, row_factory=dict_row) as conn:
-        with conn.transaction():
-            with conn.cursor() as cur:
-                yield cur
+class _Database:
+    """The service's connections: a small pool, opened on first use (a request then costs no backend
+    start); a connection is checked before it is handed out, so a restarted database is reconnected.
+    When the database is down, a request waits at most ``timeout`` seconds and gets a 503."""
+
+    def __init__(self, dsn: str, max_size: int = 8, timeout: float = 5.0) -> None:
+        self.dsn = dsn
+        self._pool = ConnectionPool(dsn, min_size=1, max_size=max_size, open=False, timeout=timeout,
+                                    kwargs={"autocommit": False, "row_factory": dict_row, "connect_timeout": 5},
+                                    check=ConnectionPool.check_connection, name="topology")
+        self._lock = threading.Lock()
+        self._opened = False
+
+    @contextmanager
+    def transaction(self) -> Iterator[Cursor]:
+        """A dict-row cursor inside one transaction."""
+        if not self._opened:
+            with self._lock:
+                if not self._opened:
+                    self._pool.open(wait=False)
+                    self._opened = True
+        with self._pool.connection() as conn:
+            with conn.transaction():
+                with conn.cursor() as cur:
+                    yield cur
+
+    def close(self) -> None:
+        if self._opened:
+            self._pool.close()
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -288,6 +312,7 @@ def create_app(dsn: str, tokens: list[str]) -> FastAPI:
     The schema is not created here: call :func:`ensure_schema` first.
     """
     accepted = _check_tokens(tokens)
+    db = _Database(dsn)
     bearer = HTTPBearer(auto_error=False, description="one of the configured API tokens")
 
     def require_token(
@@ -303,10 +328,16 @@ def create_app(dsn: str, tokens: list[str]) -> FastAPI:
         if not matched:
             raise ApiError(401, "unauthorized", "invalid bearer token", headers=challenge)
 
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        db.close()
+
     app = FastAPI(
         title="Topology Service (orgmover reference implementation)",
         version="1",
         description="Cells and organization routes; see docs/topology-api.md.",
+        lifespan=lifespan,
     )
     v1 = [Depends(require_token)]
 
@@ -360,14 +391,14 @@ def create_app(dsn: str, tokens: list[str]) -> FastAPI:
     @app.get("/v1/cells", dependencies=v1, tags=["cells"])
     def list_cells() -> Row:
         """All cells, ordered by id."""
-        with _transaction(dsn) as cur:
+        with db.transaction() as cur:
             cur.execute("SELECT * FROM topology.cells ORDER BY id")
             return {"cells": [_cell_json(r) for r in cur.fetchall()]}
 
     @app.get("/v1/cells/{name}", dependencies=v1, tags=["cells"])
     def get_cell(name: CellName) -> Row:
         """One cell by name."""
-        with _transaction(dsn) as cur:
+        with db.transaction() as cur:
             cell = _find_cell(cur, name)
         if cell is None:
             raise ApiError(404, "unknown_cell", f"cell {name!r} is not registered", cell=name)
@@ -377,7 +408,7 @@ def create_app(dsn: str, tokens: list[str]) -> FastAPI:
     def put_cell(name: CellName, body: CellIn, response: Response) -> Row:
         """Create or update a cell (idempotent); 201 when created, 200 otherwise."""
         seq = body.sequence_range
-        with _transaction(dsn) as cur:
+        with db.transaction() as cur:
             # Self-conflicting lock: one cell writer at a time, readers and FK checks unaffected.
             cur.execute("LOCK TABLE topology.cells IN SHARE ROW EXCLUSIVE MODE")
             existing = _find_cell(cur, name)
@@ -439,13 +470,13 @@ def create_app(dsn: str, tokens: list[str]) -> FastAPI:
     @app.get("/v1/organizations/{org_id}/route", dependencies=v1, tags=["routes"])
     def get_route(org_id: OrgId) -> Row:
         """The organization's route."""
-        with _transaction(dsn) as cur:
+        with db.transaction() as cur:
             return _require_route(cur, org_id)
 
     @app.put("/v1/organizations/{org_id}/route", dependencies=v1, tags=["routes"])
     def create_route(org_id: OrgId, body: RouteIn, response: Response) -> Row:
         """Create a route (201); the same route again is a no-op (200); another cell is 409."""
-        with _transaction(dsn) as cur:
+        with db.transaction() as cur:
             cell = _require_cell_for_route(cur, body.cell)
             cur.execute(
                 """
@@ -473,7 +504,7 @@ def create_app(dsn: str, tokens: list[str]) -> FastAPI:
     @app.patch("/v1/organizations/{org_id}/route", dependencies=v1, tags=["routes"])
     def update_route(org_id: OrgId, body: RoutePatch) -> Row:
         """Compare-and-set: apply the given fields iff the version is ``expected_version``."""
-        with _transaction(dsn) as cur:
+        with db.transaction() as cur:
             cell = _require_cell_for_route(cur, body.cell) if body.cell is not None else None
             cur.execute(
                 "SELECT * FROM topology.organization_routes WHERE organization_id = %s FOR UPDATE",
@@ -516,7 +547,7 @@ def create_app(dsn: str, tokens: list[str]) -> FastAPI:
     @app.get("/v1/organizations/{org_id}/route/history", dependencies=v1, tags=["routes"])
     def route_history(org_id: OrgId) -> Row:
         """Every version of the route, oldest first."""
-        with _transaction(dsn) as cur:
+        with db.transaction() as cur:
             _require_route(cur, org_id)
             cur.execute(_HISTORY_SQL, (org_id,))
             return {"history": [_history_json(r) for r in cur.fetchall()]}
@@ -526,7 +557,7 @@ def create_app(dsn: str, tokens: list[str]) -> FastAPI:
         organization_id: Annotated[int, Query(ge=1, le=MAX_INT8)],
     ) -> Row:
         """Where an HTTP router should send a request for this organization."""
-        with _transaction(dsn) as cur:
+        with db.transaction() as cur:
             route = _require_route(cur, organization_id)
         return {
             "action": "proxy",
