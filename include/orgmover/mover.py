@@ -31,9 +31,8 @@ from orgmover.cells import Cell, check_cell_name
 from orgmover.errors import (ClassificationError, ConfigError, OrgMoverError, PreflightError, StateError,
                              ValidationFailed)
 from orgmover.pgcopy import (INTEGER_TYPES, Progress, apply_deletions, check_shared_matches, chunk_bounds, copy_chunk,
-                             bind, delete_absent, delete_org_rows, key_collisions, key_filter, key_types, org_stats,
-                             remap_tables,
-                             row_transformer, sync_changed_rows, sync_keys, sync_shared_table)
+                             bind, delete_absent, delete_org_rows, key_collisions, key_filter, key_types, org_keys, org_stats,
+                             remap_tables, row_transformer, rows_through, sync_changed_rows, sync_keys, sync_shared_table)
 from orgmover.plan import Plan, Planner, qi
 from orgmover.topology import NotFound, TopologyClient, VersionConflict
 from orgmover.tracking import Tracking
@@ -569,7 +568,10 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4) -> list[str]:
         try:
             if captured is not None and table not in captured.rescan:
                 keys = captured.of(table)
-                res = sync_keys(src, dst, tp, keys, _transformer(src, dst, plan, tp, src_cell, dst_cell), logger=ctx.log)
+                # rows that join the org on the target are recorded before it commits: their children follow
+                hook = (lambda new: ctx.tracking.add_entered(mid, table, new)) if plan.children(table) else None
+                res = sync_keys(src, dst, tp, keys, _transformer(src, dst, plan, tp, src_cell, dst_cell), logger=ctx.log,
+                                entered=hook)
                 return table, {"mode": "captured", "keys": len(keys), **res}
             if captured is not None:
                 ctx.log(f"sync {table}: {captured.rescan[table]}: scanning the rows written since the pre-copy")
@@ -585,6 +587,12 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4) -> list[str]:
         if work:
             with ThreadPoolExecutor(n) as ex:
                 results.update(ex.map(one, work))
+        if captured is not None:
+            with src_cell.connect() as src, dst_cell.connect() as dst:
+                for table, n_rows in _follow_entered(ctx, mid, plan, captured, src, dst, src_cell, dst_cell).items():
+                    r = results.setdefault(table, {"mode": "captured", "changed": 0, "absent_keys": []})
+                    r["changed"] += n_rows
+                    r["joined_with_parent"] = n_rows
     finally:
         for c in opened:
             c.close()
@@ -593,6 +601,59 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4) -> list[str]:
     ctx.log(f"synced {len(results)} tables in {time.monotonic() - t0:.2f}s: "
             f"{sum(r['changed'] for r in results.values()):,} rows written since the pre-copy")
     return sync_deletions(ctx, mid, captured, _checked=(m, catalog_future.result()))
+
+
+def _follow_entered(ctx: MoveContext, mid: int, plan: Plan, captured, src, dst, src_cell: Cell, dst_cell: Cell) -> dict[str, int]:
+    """Rows that joined the org on the target in the window (recorded by :func:`sync_keys`, kept until
+    done) bring the rows that belong to the org through them: a project moved into one of the org's
+    groups during the pre-copy brings its issues, their notes, and so on down, though none of those
+    was written. New rows are found too; their children are new, captured and synced already, so
+    each costs one lookup per child table. Returns rows copied per table."""
+    pending = ctx.tracking.entered(mid)
+    if not pending:
+        return {}
+    t0 = time.monotonic()
+    queue = sorted(pending.items())
+    done: dict[str, set[tuple]] = {}
+    copied: dict[str, int] = {}
+    while queue:
+        table, keys = queue.pop(0)
+        for child, edge in plan.children(table):
+            found = rows_through(src, child, edge, plan.tables[table], sorted(keys))
+            found -= captured.of(child.table) | done.get(child.table, set())
+            if not found:
+                continue
+            done.setdefault(child.table, set()).update(found)
+            res = sync_keys(src, dst, child, found, _transformer(src, dst, plan, child, src_cell, dst_cell), logger=ctx.log)
+            copied[child.table] = copied.get(child.table, 0) + res["changed"]
+            captured.keys.setdefault(child.table, set()).update(found)  # written by the window: foreign keys checked
+            queue.append((child.table, found))
+    ctx.tracking.clear_entered(mid, list(pending))
+    if copied:
+        ctx.log(f"rows that joined the organization with a parent since the pre-copy, copied in "
+                f"{time.monotonic() - t0:.2f}s: " + ", ".join(f"{t} {n:,}" for t, n in sorted(copied.items())))
+    return copied
+
+
+def _follow_leaving(src, dst, plan: Plan, absent: dict[str, list[tuple]], captured) -> dict[str, set[tuple]]:
+    """Rows that leave the org with a parent (a project moved to another organization takes its issues
+    along, though none of them was written): found on the target through the keys of the parents that
+    are no longer the org's, before anything is deleted; a row the source still has as the org's
+    (it also belongs through another parent) stays. Returns keys to delete per table."""
+    leaving: dict[str, set[tuple]] = {}
+    queue = sorted((t, set(keys)) for t, keys in absent.items() if keys)
+    while queue:
+        table, keys = queue.pop(0)
+        for child, edge in plan.children(table):
+            candidates = rows_through(dst, child, edge, plan.tables[table], sorted(keys), org=False)
+            candidates -= captured.of(child.table) | leaving.get(child.table, set())
+            if not candidates:
+                continue
+            gone = candidates - org_keys(src, child, candidates)
+            if gone:
+                leaving.setdefault(child.table, set()).update(gone)
+                queue.append((child.table, gone))
+    return leaving
 
 
 def _needs_shared_sync(plan: Plan, captured) -> bool:
@@ -650,14 +711,22 @@ def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | 
                 apply_deletions(src, dst, plan, todo, logger=ctx.log)
         by_key = [(plan.tables[t], key_types(dst, plan.tables[t]), [tuple(k) for k in r["sync_detail"]["absent_keys"]])
                   for t, r in sorted(rows.items()) if r["strategy"] == "org" and (r["sync_detail"] or {}).get("absent_keys")]
-        gone = delete_absent(dst, plan, by_key, logger=ctx.log)
+        leaving: dict[str, set[tuple]] = {}
+        if captured is not None and by_key:
+            with src_cell.connect() as src:
+                leaving = _follow_leaving(src, dst, plan, {tp.table: keys for tp, _, keys in by_key}, captured)
+            if leaving:
+                ctx.log("rows that left the organization with a parent since the pre-copy, deleted on the target: "
+                        + ", ".join(f"{t} {len(k):,}" for t, k in sorted(leaving.items())))
+        gone = delete_absent(dst, plan, by_key, logger=ctx.log,
+                             leaving=[(plan.tables[t], key_types(dst, plan.tables[t]), sorted(k)) for t, k in sorted(leaving.items())])
         # the pre-copy's foreign keys were checked before the window; here only what the window touched:
         # tables with rows written or deleted, and tables referencing a table with deletions
         deleted = {tp.table for tp, *_ in todo} | {t for t, n in gone.items() if n}
         changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | deleted
         catalog = catalog or read_foreign_keys(dst)
         touched = changed | {t for t in plan.tables if any(fk.ref_table in deleted for fk in catalog[t].foreign_keys)}
-        only = _touched_rows(dst, plan, catalog, rows, captured, touched, {tp.table for tp, *_ in todo})
+        only = _touched_rows(dst, plan, catalog, rows, captured, touched, {tp.table for tp, *_ in todo}, leaving)
         problems = fk_violations(dst, plan, catalog, tables=touched, only=only)
     if problems and not _needs_shared_sync(plan, captured):
         ctx.log("a written row references a shared row the target lacks: syncing shared rows, then checking again")
@@ -675,12 +744,14 @@ def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | 
 
 
 def _touched_rows(dst, plan: Plan, catalog: Catalog, rows: dict, captured, touched: set[str],
-                  scan_deleted: set[str]) -> dict[str, str]:
+                  scan_deleted: set[str], leaving: dict[str, set[tuple]] | None = None) -> dict[str, str]:
     """Predicates (over alias t) narrowing the foreign-key check of a touched table to the rows the
-    window wrote and the rows referencing the keys it deleted, when the captured changes tell them.
-    A table deleted from by the fallback scan leaves its children checked in full."""
+    window wrote and the rows referencing the keys it deleted (``leaving``: deleted with a parent
+    too), when the captured changes tell them. A table deleted from by the fallback scan leaves its
+    children checked in full."""
     if captured is None:
         return {}
+    leaving = leaving or {}
     parts: dict[str, list[str]] = {}
     full: set[str] = set()
     types = {}
@@ -706,7 +777,7 @@ def _touched_rows(dst, plan: Plan, catalog: Catalog, rows: dict, captured, touch
             if parent is None or fk.ref_table not in touched:
                 continue
             pdetail = (rows.get(fk.ref_table) or {}).get("sync_detail") or {}
-            gone = [tuple(k) for k in pdetail.get("absent_keys") or []]
+            gone = [tuple(k) for k in pdetail.get("absent_keys") or []] + sorted(leaving.get(fk.ref_table, ()))
             if fk.ref_table in scan_deleted or pdetail.get("mode") != "captured":
                 full.add(t)
             elif gone and list(fk.ref_columns) == list(parent.key):

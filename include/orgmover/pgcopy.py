@@ -444,7 +444,7 @@ def _delete_staged(dcur: psycopg.Cursor, tables: list[TablePlan]) -> dict[str, i
     for i, tp in enumerate(tables):
         match = " AND ".join(f"t.{qi(c)} = g.{qi(c)}" for c in tp.key)
         dcur.execute(f"DELETE FROM {qi(tp.table)} t USING _om_gone_{i} g WHERE {match}")
-        counts[tp.table] = dcur.rowcount
+        counts[tp.table] = counts.get(tp.table, 0) + dcur.rowcount
     return counts
 
 
@@ -478,12 +478,7 @@ def apply_deletions(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan
 # ---------------------------------------------------------------------------- sync by captured keys
 def key_types(conn: psycopg.Connection, tp: TablePlan) -> list[str]:
     """SQL types of the table's key columns: from the plan, or (a plan recorded without them) the catalog."""
-    if tp.key_types:
-        return tp.key_types
-    types = dict(conn.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-                              "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
-                              (qi(tp.table),)).fetchall())
-    return [types[c] for c in tp.key]
+    return tp.key_types or column_types(conn, tp.table, tp.key)
 
 
 def key_filter(columns: list[str], types: list[str], keys: list[tuple], alias: str = "t") -> tuple[str, list]:
@@ -502,11 +497,15 @@ def key_filter(columns: list[str], types: list[str], keys: list[tuple], alias: s
 
 def sync_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, keys: set[tuple],
               transform: Callable[[tuple], tuple] | None, logger: Callable[[str], None] | None = None,
-              batch: int = 50_000) -> dict:
+              batch: int = 50_000, entered: Callable[[list[tuple]], None] | None = None) -> dict:
     """In the write window: re-copy the org's rows whose key was written on the source since the
     pre-copy (captured keys), replacing the target's rows with those keys, in one target transaction.
     Keys no longer among the org's rows on the source (deleted, or moved out of the org) are returned
-    as ``absent``; they are deleted by :func:`delete_absent` once every table is synced."""
+    as ``absent``; they are deleted by :func:`delete_absent` once every table is synced.
+
+    ``entered``: called, before the target commits, with the keys of rows that are the org's on the
+    source but were not on the target (new rows, or rows that joined the org, e.g. a project moved
+    into one of its groups, whose own rows then follow: :func:`rows_through`)."""
     progress = Progress(f"sync {tp.table}", logger=logger)
     cols = ", ".join(qi(c) for c in tp.columns)
     types = key_types(src, tp)
@@ -526,12 +525,65 @@ def sync_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, k
             # by key array, not a join with the temporary table: it has no statistics, and PostgreSQL would
             # scan the whole table of the cell to join it
             cond, params = key_filter(tp.key, types, sorted(present))
+            new: list[tuple] = []
+            if entered is not None and present:
+                new = sorted(present - org_keys(dst, tp, present))
+                if new:
+                    entered(new)
             dcur.execute(f"DELETE FROM {qi(tp.table)} t WHERE {cond}", params)
             dcur.execute(f"INSERT INTO {qi(tp.table)} ({cols}) SELECT {cols} FROM _om_changed")
     absent = sorted(k for k in keys if k not in present)
     (logger or log.info)(f"sync {tp.table}: {len(keys):,} keys written since the pre-copy: {changed:,} rows re-copied, "
                          f"{len(absent):,} gone from the organization on the source")
-    return {"changed": changed, "absent_keys": [list(k) for k in absent]}
+    out = {"changed": changed, "absent_keys": [list(k) for k in absent]}
+    if entered is not None:
+        out["entered"] = len(new)
+    return out
+
+
+def org_keys(conn: psycopg.Connection, tp: TablePlan, keys: set[tuple] | list[tuple], batch: int = 50_000) -> set[tuple]:
+    """Those of ``keys`` (as text) whose rows are the org's on this cell."""
+    keys, out = sorted(keys), set()
+    kcols = ", ".join(f"t.{qi(c)}::text" for c in tp.key)
+    for i in range(0, len(keys), batch):
+        cond, params = key_filter(tp.key, key_types(conn, tp), keys[i:i + batch])
+        out |= {tuple(r) for r in conn.execute(tp.picked_sql(cond, kcols), params)}
+    return out
+
+
+def column_types(conn: psycopg.Connection, table: str, columns: list[str]) -> list[str]:
+    types = dict(conn.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+                              "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+                              (qi(table),)).fetchall())
+    return [types[c] for c in columns]
+
+
+def rows_through(conn: psycopg.Connection, child: TablePlan, edge: dict, parent: TablePlan, parent_keys: list[tuple],
+                 org: bool = True, batch: int = 50_000) -> set[tuple]:
+    """Keys (as text) of the rows of ``child`` that hang off the rows ``parent_keys`` of ``parent``
+    through ``edge`` (one of ``child.parents``), on this cell: with ``org``, only those the org
+    predicate selects (a row may also belong through another parent); without, every such row."""
+    keys = sorted(parent_keys)
+    if edge["ref_columns"] != parent.key:  # the edge references other columns of the parent: their values
+        values: set[tuple] = set()
+        cols = ", ".join(f"t.{qi(c)}::text" for c in edge["ref_columns"])
+        for i in range(0, len(keys), batch):
+            cond, params = key_filter(parent.key, key_types(conn, parent), keys[i:i + batch])
+            values |= {tuple(r) for r in conn.execute(f"SELECT DISTINCT {cols} FROM {qi(parent.table)} t WHERE {cond}", params)}
+        keys, types = sorted(values), column_types(conn, parent.table, edge["ref_columns"])
+    else:
+        types = key_types(conn, parent)
+    out: set[tuple] = set()
+    kcols = ", ".join(f"t.{qi(c)}::text" for c in child.key)
+    when = ""
+    if edge.get("when"):
+        type_col, value = edge["when"]
+        when = f" AND t.{qi(type_col)} = " + "'" + str(value).replace("'", "''") + "'"
+    for i in range(0, len(keys), batch):
+        cond = bind(conn, *key_filter(edge["columns"], types, keys[i:i + batch])) + when
+        sql = child.picked_sql(cond, kcols) if org else f"SELECT {kcols} FROM {qi(child.table)} t WHERE {cond}"
+        out |= {tuple(r) for r in conn.execute(sql)}
+    return out
 
 
 def bind(conn: psycopg.Connection, cond: str, params: list) -> str:
@@ -548,22 +600,26 @@ def bind(conn: psycopg.Connection, cond: str, params: list) -> str:
 
 
 def delete_absent(dst: psycopg.Connection, plan: Plan, todo: list[tuple[TablePlan, list[str], list[tuple]]],
-                  logger: Callable[[str], None] | None = None) -> dict[str, int]:
+                  logger: Callable[[str], None] | None = None,
+                  leaving: list[tuple[TablePlan, list[str], list[tuple]]] | None = None) -> dict[str, int]:
     """Delete from the target the org's rows whose keys (``todo``: table plan, key types, keys) are
     no longer the org's on the source. Only rows the org predicate still selects on the target are
     deleted (a key of another organization's row is never touched); every table's rows are found
-    first, then deleted, in one transaction."""
+    first, then deleted, in one transaction. ``leaving``: rows (same form) that left the org with a
+    parent, found beforehand by :func:`rows_through`; deleted by key in the same transaction."""
     counts: dict[str, int] = {}
-    if not todo:
+    staged = [(tp, types, keys, True) for tp, types, keys in todo] + [(tp, types, keys, False) for tp, types, keys in leaving or []]
+    if not staged:
         return counts
     with dst.transaction():
         with dst.cursor() as dcur:
             dcur.execute("SET LOCAL session_replication_role = replica")
-            for i, (tp, types, keys) in enumerate(todo):
+            for i, (tp, types, keys, checked) in enumerate(staged):
                 cond, params = key_filter(tp.key, types, keys)
                 kcols = ", ".join(f"t.{qi(c)}" for c in tp.key)
-                dcur.execute(f"CREATE TEMP TABLE _om_gone_{i} ON COMMIT DROP AS {tp.picked_sql(cond, kcols)}", params)
-            counts = _delete_staged(dcur, [tp for tp, *_ in todo])
+                rows = tp.picked_sql(cond, kcols) if checked else f"SELECT {kcols} FROM {qi(tp.table)} t WHERE {cond}"
+                dcur.execute(f"CREATE TEMP TABLE _om_gone_{i} ON COMMIT DROP AS {rows}", params)
+            counts = _delete_staged(dcur, [tp for tp, *_ in staged])
     (logger or log.info)(f"deleted on the target {sum(counts.values()):,} rows gone from the organization on the source "
                          "since the pre-copy: " + ", ".join(f"{t} {n}" for t, n in counts.items() if n))
     return counts

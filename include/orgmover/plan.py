@@ -74,6 +74,9 @@ class TablePlan:
     value_map: dict = field(default_factory=dict)  # shared tables: configured source -> target match value
     where_key: str | None = None        # ``where`` for rows already picked by key (see :meth:`picked_sql`)
     key_types: list[str] = field(default_factory=list)  # SQL types of ``key``, as format_type() writes them
+    # the org rows this table's rows belong to the organization through: {"columns", "table", "ref_columns",
+    # "when": [type column, value] or None}; a row whose parent joins or leaves the org does too
+    parents: list[dict] = field(default_factory=list)
 
     def select_sql(self, columns: list[str] | None = None) -> str:
         cols = ", ".join(f"t.{qi(c)}" for c in (columns or self.columns))
@@ -127,6 +130,10 @@ class Plan:
 
     def of(self, strategy: str) -> list[TablePlan]:
         return [p for p in self.tables.values() if p.strategy == strategy]
+
+    def children(self, table: str) -> list[tuple[TablePlan, dict]]:
+        """(child table, edge) of the org tables whose rows belong to the org through a row of ``table``."""
+        return [(p, e) for p in self.tables.values() if p.strategy == "org" for e in p.parents if e["table"] == table]
 
     def shared_in_order(self) -> list[TablePlan]:
         """Shared tables, the ones others depend on first (shards before pool_repositories)."""
@@ -183,6 +190,8 @@ class Planner:
         self.keyed = False
         self._base: Planner | None = None
         self._visiting: set[str] = set()
+        self._deriving: list[str] = []   # the tables whose predicates are being derived (innermost last)
+        self.edges: dict[str, list[dict]] = {}   # table -> its parents (see TablePlan.parents)
         self._alias = 0
         self.errors: list[str] = []
         self.warnings: list[str] = []
@@ -226,12 +235,21 @@ class Planner:
             return ref.primary_key[0]
         return "id"
 
-    def _via(self, col: str, ref_table: str, ref_col: str) -> str:
-        """Predicate template: {a}.col references an org row of ref_table."""
+    def _edge(self, columns: list[str], ref_table: str, ref_columns: list[str], when: list[str] | None = None) -> None:
+        if self._deriving:
+            edge = {"columns": list(columns), "table": ref_table, "ref_columns": list(ref_columns), "when": when}
+            edges = self.edges.setdefault(self._deriving[-1], [])
+            if edge not in edges:
+                edges.append(edge)
+
+    def _via(self, col: str, ref_table: str, ref_col: str, when: list[str] | None = None) -> str:
+        """Predicate template: {a}.col references an org row of ref_table (``when``: [type column, value]
+        of a polymorphic owner, recorded with the edge)."""
         tpl, _, _ = self._predicate_template(ref_table)
         root = self._root_column(ref_table)
         if root is not None and root == ref_col:
             return f"{{a}}.{qi(col)} = {{org}}"
+        self._edge([col], ref_table, [ref_col], when)
         b = self._next_alias()
         inner = tpl.replace("{a}", b)
         if self.keyed:  # one index lookup per picked row and parent
@@ -271,7 +289,7 @@ class Planner:
                 continue
             ref_col = self.catalog.tables[target].primary_key[0] if len(self.catalog.tables[target].primary_key) == 1 else "id"
             lit = "'" + value.replace("'", "''") + "'"
-            parts.append(f"({{a}}.{qi(type_col)} = {lit} AND {self._via(id_col, target, ref_col)})")
+            parts.append(f"({{a}}.{qi(type_col)} = {lit} AND {self._via(id_col, target, ref_col, [type_col, value])})")
             hows.append(f"{value} -> {target}")
         if t.column(type_col) is None or t.column(id_col) is None:
             raise ClassificationError(f"table {table}: polymorphic columns {type_col}/{id_col} do not exist")
@@ -309,10 +327,12 @@ class Planner:
         if table not in self.catalog.tables:
             raise ClassificationError(f"table {table}: referenced by the dictionary but not in the schema")
         self._visiting.add(table)
+        self._deriving.append(table)
         try:
             result = self._derive(table)
         finally:
             self._visiting.discard(table)
+            self._deriving.pop()
         self._pred[table] = result
         return result
 
@@ -364,6 +384,7 @@ class Planner:
             fk = multi[0]
             b = self._next_alias()
             inner = self._predicate_template(fk.ref_table)[0].replace("{a}", b)
+            self._edge(fk.columns, fk.ref_table, fk.ref_columns)
             cols = ", ".join(f"{{a}}.{qi(c)}" for c in fk.columns)
             refs = ", ".join(f"{b}.{qi(c)}" for c in fk.ref_columns)
             if self.keyed:
@@ -378,6 +399,7 @@ class Planner:
         if org_fks and self_fks:
             # a self-referencing tree: roots carry the org link, descendants reach it through the parent chain
             parent = self_fks[0]
+            self._edge([parent.columns[0]], table, [parent.ref_columns[0]])  # a subtree moves with its root
             roots = " OR ".join(self._via(fk.columns[0], fk.ref_table, fk.ref_columns[0]).replace("{a}", "r")
                                 for fk in org_fks)
             key = parent.ref_columns[0]
@@ -483,7 +505,7 @@ class Planner:
                     where = tpl.replace("{a}", "t").replace("{org}", str(int(org_id)))
                     key_tpl = keyed._predicate_template(name)[0]
                     plans[name] = TablePlan(name, "org", how, where, t.copy_columns, key, encrypted=enc, inferred=inferred,
-                                            key_types=key_types, where_key=key_tpl.replace("{a}", "t").replace("{org}", str(int(org_id))))
+                                            key_types=key_types, parents=self.edges.get(name, []), where_key=key_tpl.replace("{a}", "t").replace("{org}", str(int(org_id))))
                 else:  # shared
                     match_on = list(e.org_mover.get("match_on") or key)
                     plans[name] = TablePlan(

@@ -80,6 +80,7 @@ ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS validated_in_window integer
 ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS synced_in_window integer;
 ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS sync_detail jsonb;
 ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS baseline jsonb;
+ALTER TABLE orgmover.tables ADD COLUMN IF NOT EXISTS entered_keys jsonb;
 CREATE TABLE IF NOT EXISTS orgmover.chunks (
   migration_id bigint NOT NULL REFERENCES orgmover.migrations(id) ON DELETE CASCADE,
   table_name text NOT NULL,
@@ -252,6 +253,26 @@ class Tracking:
                     cur.executemany(f"UPDATE orgmover.tables SET {sets}, updated_at = now() WHERE migration_id = %(_m)s "
                                     f"AND table_name = %(_t)s", rows)
 
+    # -------------------------------------------------------------- rows that joined the org (write window)
+    def add_entered(self, mid: int, table: str, keys: list[tuple]) -> None:
+        """Keys of rows that joined the org on the target in the window: their own rows (children) still
+        have to follow. Kept until :meth:`clear_entered`, so a retried or later window does it too."""
+        with self.conn() as c:
+            c.execute("UPDATE orgmover.tables SET entered_keys = coalesce(entered_keys, '[]'::jsonb) || %s, "
+                      "updated_at = now() WHERE migration_id = %s AND table_name = %s",
+                      (Jsonb([list(k) for k in keys]), mid, table))
+
+    def entered(self, mid: int) -> dict[str, set[tuple]]:
+        with self.conn() as c:
+            rows = c.execute("SELECT table_name, entered_keys FROM orgmover.tables WHERE migration_id = %s "
+                             "AND entered_keys IS NOT NULL", (mid,)).fetchall()
+        return {r["table_name"]: {tuple(k) for k in r["entered_keys"]} for r in rows}
+
+    def clear_entered(self, mid: int, tables: list[str]) -> None:
+        with self.conn() as c:
+            c.execute("UPDATE orgmover.tables SET entered_keys = NULL WHERE migration_id = %s AND table_name = ANY(%s)",
+                      (mid, tables))
+
     # -------------------------------------------------------------- chunks (resumable copy)
     def init_chunks(self, mid: int, table: str, bounds: list[int]) -> None:
         """Chunks [None, b1), [b1, b2), ..., [bn, None) of a table; kept if already planned."""
@@ -288,7 +309,7 @@ class Tracking:
         with self.conn() as c:
             c.execute("UPDATE orgmover.tables SET state = 'pending', copied_in_window = NULL, rows_copied = 0, "
                       "bytes_copied = 0, validation_state = 'pending', validated_in_window = NULL, synced_in_window = NULL, "
-                      "error = NULL WHERE migration_id = %s", (mid,))
+                      "entered_keys = NULL, error = NULL WHERE migration_id = %s", (mid,))
             c.execute("UPDATE orgmover.chunks SET state = 'pending', rows = 0, bytes = 0 WHERE migration_id = %s", (mid,))
             c.execute("UPDATE orgmover.migrations SET precopy_xmin = NULL WHERE id = %s", (mid,))
 
