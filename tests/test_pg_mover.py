@@ -246,3 +246,50 @@ def test_storage_without_a_match_needs_a_mapping(devenv, seeded, ctx):
                          "WHERE r.project_id = %s", (repo,)).fetchone()[0]
     assert name == "storage-2"
     assert devenv.topology().route(org.id)["cell"] == "cell-1"
+
+
+def test_moving_back_after_the_switch_replaces_the_copy_left_on_the_source(devenv, seeded, ctx, monkeypatch):
+    """After the switch, writes go to the target. Moving the org back is a move in the other direction:
+    preflight accepts the copy the first move left on the old source (only rows that are the org's),
+    the copy is replaced by the rows as they are now, with the same short write window; the first
+    move's cleanup then has nothing left to delete."""
+    from orgmover.errors import StateError
+
+    monkeypatch.setenv("ORGMOVER_FULL_VALIDATION", "1")  # every chunk of every table compared in the window
+    org = seeded["tau"]
+    src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
+    fwd = run_move(ctx, org.id, "legacy", "cell-1")
+    with pytest.raises(StateError, match="Move it back with a move in the other direction"):
+        mover.rollback(ctx, fwd)
+    with psycopg.connect(dst_dsn) as c:  # the org lives on cell-1 now
+        edited = c.execute("UPDATE issues SET title = 'edited after the switch' WHERE id = (SELECT min(i.id) FROM issues i "
+                           "JOIN namespaces n ON n.id = i.namespace_id WHERE n.organization_id = %s) RETURNING id",
+                           (org.id,)).fetchone()[0]
+        added = c.execute("INSERT INTO events (project_id, author_id, action, target_type) SELECT e.project_id, e.author_id, "
+                          "5, 'After' FROM events e JOIN projects p ON p.id = e.project_id WHERE p.organization_id = %s "
+                          "ORDER BY e.id LIMIT 1 RETURNING id", (org.id,)).fetchone()[0]
+        removed = c.execute("DELETE FROM label_links WHERE id = (SELECT min(l.id) FROM label_links l JOIN labels b ON "
+                            "b.id = l.label_id JOIN projects p ON p.id = b.project_id WHERE p.organization_id = %s) "
+                            "RETURNING id", (org.id,)).fetchone()[0]
+    legacy_before = _snap(devenv, "legacy").tables
+
+    back = run_move(ctx, org.id, "cell-1", "legacy")
+    m = ctx.tracking.get(back)
+    assert m["state"] == "completed" and m["options"]["moves_back"] == fwd and m["options"]["left_copy_removed"] > 0
+    assert devenv.topology().route(org.id)["cell"] == "legacy"
+    legacy_after = _snap(devenv, "legacy").tables
+    # on the old source, exactly the writes made on cell-1 after the switch differ; every other row, the
+    # org's (rewritten from cell-1) and other organizations' (untouched), is as it was
+    diff = {}
+    for table in set(legacy_before) | set(legacy_after):
+        b, a = legacy_before.get(table, {}), legacy_after.get(table, {})
+        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if changed:
+            diff[table] = changed
+    assert diff == {"issues": [f"[{edited}]"], "events": [f"[{added}]"], "label_links": [f"[{removed}]"]}
+    assert legacy_after["issues"][f"[{edited}]"]["title"] == "edited after the switch"
+    assert f"[{removed}]" not in legacy_after["label_links"]
+    # the first move's copy was replaced: its cleanup has nothing to delete, and moving back is not offered twice
+    assert ctx.tracking.get(fwd)["source_cleaned_at"] is not None
+    assert mover.cleanup_source(ctx, fwd, retention_seconds=0) == {}
+    assert ctx.tracking.move_left_behind(org.id, "legacy", "cell-1") is None

@@ -214,6 +214,12 @@ def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str
     out = CapturedChanges()
     wanted = {t: frozenset(k) for t, k in tables.items()}
     named: dict[str, str | None] = {}  # table as written in the stream -> the plan's table (or None)
+
+    def planned(written: str) -> str | None:
+        if written not in named:
+            bare = _bare(written, schema)
+            named[written] = root(bare) if bare is not None else None
+        return named[written]
     if not slot_exists(conn, name):
         raise CaptureUnavailable(f"replication slot {name} does not exist (dropped or invalidated)")
     upto = flush_point(conn)
@@ -229,11 +235,7 @@ def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str
                         continue
                     fast = _FAST.match(line)
                     if fast is not None:
-                        written = fast.group("table")
-                        if written not in named:
-                            bare = _bare(written, schema)
-                            named[written] = root(bare) if bare is not None else None
-                        t = named[written]
+                        t = planned(fast.group("table"))
                         if t is None:
                             continue
                         if tables[t] == [fast.group("col")]:
@@ -241,13 +243,7 @@ def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str
                             out.keys.setdefault(t, set()).add((fast.group("value"),))
                             continue
                     head = _HEAD.match(line)
-                    if head is None:
-                        continue
-                    written = head.group("table")
-                    if written not in named:
-                        bare = _bare(written, schema)
-                        named[written] = root(bare) if bare is not None else None
-                    t = named[written]
+                    t = planned(head.group("table")) if head is not None else None
                     if t is None:
                         continue
                     ch = parse_change(line, wanted[t], head)

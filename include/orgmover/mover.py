@@ -108,6 +108,8 @@ class PreflightResult:
     notes: list[str]
     plan: Plan | None = None
     route_version: int | None = None
+    moving_back: int | None = None      # the earlier move (target -> source) whose copy on the target is replaced
+    value_maps: dict | None = None      # the mappings used (given, or inverted from the move being undone)
 
 
 def run_checks(ctx: MoveContext, org_id: int, source: str, target: str, value_maps: dict | None = None) -> PreflightResult:
@@ -165,6 +167,15 @@ def run_checks(ctx: MoveContext, org_id: int, source: str, target: str, value_ma
             active = None
         if route and route.get("maintenance") and (not active or route.get("maintenance_owner") != ctx.owner(active["id"])):
             problems.append(f"organization {org_id} is in maintenance held by {route.get('maintenance_owner') or 'someone else'}")
+        # moving back: an earlier move of the org from the target to the source left its copy on the target
+        # (not cleaned yet); that copy is replaced, as the source has the org's rows as they are now
+        back = ctx.tracking.move_left_behind(org_id, target, source) if not active else None
+        if back and value_maps is None and (back.get("options") or {}).get("value_maps"):
+            value_maps, problem = _inverted_maps(back["options"]["value_maps"])
+            if problem:
+                problems.append(f"moving back migration #{back['id']}: {problem}; configure a mapping")
+            else:
+                notes.append(f"moving back migration #{back['id']}: its mappings inverted: {value_maps}")
         plan = None
         try:
             _, plan = _catalog_and_plan(src, dictionary, org_id)
@@ -174,15 +185,36 @@ def run_checks(ctx: MoveContext, org_id: int, source: str, target: str, value_ma
         if plan is not None and not problems:
             problems.extend(check_shared_matches(src, dst, plan))
             adopt = active is not None
+            left = 0
             for tp in plan.of("org"):
-                n, sample = key_collisions(src, dst, tp)
+                n, sample = key_collisions(src, dst, tp, ignore_org_rows=back is not None)
                 if n and adopt:
                     notes.append(f"{tp.table}: {n} rows already on the target from migration #{active['id']}; "
                                  f"they are replaced")
                 elif n:
                     problems.append(f"id collision: {n} rows of organization {org_id} in {tp.table} already exist on "
-                                    f"{target} (keys {', '.join(sample)})")
-        return PreflightResult(active["id"] if active else None, problems, notes, plan, route_version)
+                                    f"{target} (keys {', '.join(sample)})"
+                                    + (" and are not the organization's" if back else ""))
+                if back and not adopt:
+                    left += int(dst.execute(f"SELECT count(*) FROM {qi(tp.table)} t WHERE {tp.where}").fetchone()[0])
+            if back and not adopt:
+                notes.append(f"moving organization {org_id} back: {left:,} of its rows are still on {target} from "
+                             f"migration #{back['id']} (switched {back['switched_at']:%Y-%m-%d %H:%M:%S} UTC); they are "
+                             f"replaced by the rows as they are on {source} now")
+        return PreflightResult(active["id"] if active else None, problems, notes, plan, route_version,
+                               back["id"] if back and not active else None, value_maps)
+
+
+def _inverted_maps(maps: dict) -> tuple[dict, str | None]:
+    out: dict = {}
+    for table, vm in maps.items():
+        inv = {}
+        for k, v in vm.items():
+            if v in inv:
+                return {}, f"the mapping of {table} sends {inv[v]!r} and {k!r} to {v!r}, so it cannot be inverted"
+            inv[v] = k
+        out[table] = inv
+    return out, None
 
 
 def preflight(ctx: MoveContext, org_id: int, source: str, target: str, run_id: str | None = None,
@@ -202,9 +234,14 @@ def preflight(ctx: MoveContext, org_id: int, source: str, target: str, run_id: s
     else:
         m = ctx.tracking.create(org_id, source, target, run_id)
         ctx.tracking.event(m["id"], "info", f"created by run {run_id}")
-    if value_maps is not None:
-        ctx.tracking.update(m["id"], options={"value_maps": value_maps})
         ctx.log(f"created migration #{m['id']}: organization {org_id} {source} -> {target}")
+    opts = dict(m.get("options") or {})
+    if res.value_maps is not None:
+        opts["value_maps"] = res.value_maps
+    if res.moving_back:
+        opts["moves_back"] = res.moving_back
+    if opts != (m.get("options") or {}):
+        ctx.tracking.update(m["id"], options=opts)
     ctx.tracking.phase_started(m["id"], "preflight")
     ctx.tracking.phase_finished(m["id"], "preflight")
     return m["id"]
@@ -431,7 +468,36 @@ def _close_capture(ctx: MoveContext, m: dict) -> None:
 
 
 def prepare_target(ctx: MoveContext, mid: int) -> None:
+    m = ctx.tracking.get(mid)
+    opts = m.get("options") or {}
+    if opts.get("moves_back") and not opts.get("left_copy_removed"):
+        _remove_left_copy(ctx, m, opts["moves_back"])
     copy_shared_rows(ctx, mid, in_window=False)
+
+
+def _remove_left_copy(ctx: MoveContext, m: dict, back_id: int) -> None:
+    """Moving an org back: delete the copy the earlier move left on this migration's target (its rows
+    as of that switch), before the pre-copy writes the rows as they are now. Done once: a retried
+    task must not delete rows the pre-copy wrote since."""
+    back = ctx.tracking.get(back_id)
+    org = m["organization_id"]
+    route = ctx.topology.route(org)
+    if back["state"] != "completed" or back["source_cleaned_at"] is not None or route["cell"] != m["source_cell"]:
+        raise StateError(f"migration #{m['id']} moves organization {org} back (undoing #{back_id}), but #{back_id} is "
+                         f"{back['state']}{', cleaned' if back['source_cleaned_at'] else ''} and the org is routed to "
+                         f"{route['cell']}; nothing was deleted")
+    plan = load_plan(ctx, m["id"])
+    with ctx.cell(m["target_cell"]).connect() as dst, ctx.cell(m["source_cell"]).connect() as src:
+        counts = delete_org_rows(dst, plan, logger=ctx.log, source=src)
+    now = datetime.now(timezone.utc)
+    ctx.tracking.update(m["id"], options={**(m.get("options") or {}), "left_copy_removed": sum(counts.values())})
+    with ctx.tracking.conn() as c:
+        c.execute("UPDATE orgmover.migrations SET source_cleaned_at = %s, options = coalesce(options, '{}'::jsonb) || "
+                  "jsonb_build_object('moved_back_by', %s::int) WHERE id = %s", (now, m["id"], back_id))
+    ctx.tracking.event(back_id, "info", f"moved back by migration #{m['id']}: the copy on {m['target_cell']} "
+                                        f"({sum(counts.values())} rows) was replaced")
+    ctx.log(f"moving organization {org} back: removed the {sum(counts.values()):,} rows migration #{back_id} left on "
+            f"{m['target_cell']}; the pre-copy writes the rows as they are on {m['source_cell']} now")
 
 
 def copy_table(ctx: MoveContext, mid: int, table: str, _shared: tuple | None = None) -> dict:
@@ -1137,8 +1203,11 @@ def rollback(ctx: MoveContext, mid: int) -> dict[str, int]:
     """Undo an unfinished migration: remove the org's rows from the target; route stays on the source."""
     m = ctx.tracking.get(mid)
     if m["state"] == "completed":
-        raise StateError(f"migration #{mid} already switched the route to {m['target_cell']}; "
-                         f"moving back is a new migration ({m['target_cell']} -> {m['source_cell']})")
+        raise StateError(f"migration #{mid} already switched the route to {m['target_cell']}: writes since went there. "
+                         f"Move it back with a move in the other direction (orgmover move {m['organization_id']} "
+                         f"{m['target_cell']} {m['source_cell']}, or the org_move DAG with source={m['target_cell']}, "
+                         f"target={m['source_cell']}): it replaces the copy left on {m['source_cell']} with the rows as "
+                         f"they are now, with the same short write pause")
     if m["state"] == "rolled_back":
         return {}
     route = ctx.topology.route(m["organization_id"])
@@ -1308,7 +1377,7 @@ def replication_batches(ctx: MoveContext, mid: int, size: int | None = None,
     still needs work (not synced and verified) as batches of about ``size`` rows per data type:
     ``{"kind", "no", "of", "first", "last", "count"}``, a range of registry keys (small whatever the
     batch size: a mapped task claims the rows of its range)."""
-    from orgmover.storage import handlers
+    from orgmover.storage import handlers, scan_all
 
     size = max(1, int(size or os.environ.get("ORGMOVER_REPLICATION_BATCH", "200")))
     m, reg, src_cell, src_st, dst_st = _replication(ctx, mid)
@@ -1319,8 +1388,8 @@ def replication_batches(ctx: MoveContext, mid: int, size: int | None = None,
             ctx.log("no Git storage, object storage or registry configured for the source cell: nothing to replicate")
             return []
         found = {"new": 0, "changed": 0}
-        for h in hs:
-            r = reg.register(h.scan())
+        for h, items in scan_all(hs):  # the data kinds scanned at the same time
+            r = reg.register(items)
             found = {k: found[k] + r[k] for k in found}
     kinds = [h.kind for h in hs]
     with ctx.tracking.conn() as c:

@@ -181,6 +181,17 @@ def _rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytearray]:
         yield buf
 
 
+def _read_whole(key: str, chunks: Iterable[bytes], size: int) -> bytearray:
+    """A small object's bytes (at most ``size`` + one chunk read: a longer stream is an error)."""
+    data = bytearray()
+    for c in chunks:
+        data += c
+        if len(data) > size:
+            break
+    _check_total(key, len(data), size)
+    return data
+
+
 def _check_total(key: str, got: int, size: int) -> None:
     if got != size:
         raise SourceChanged(f"{key}: the source gave {got} bytes, {size} were expected (changed while read?)")
@@ -695,12 +706,7 @@ class S3Store(ObjectStore):
             # An expected MD5 (the source's) goes out as Content-MD5: the server checks the bytes against it
             # before it commits them, which spares an MD5 pass here; otherwise it is computed here.
             d = _Digests(md5=md5 is None)
-            data = bytearray()
-            for c in chunks:
-                data += c
-                if len(data) > size:
-                    break
-            _check_total(key, len(data), size)
+            data = _read_whole(key, chunks, size)
             d.update(data)
             _check_expected(key, d, sha256, None)
             content_md5 = md5 or d.md5.hexdigest()
@@ -964,12 +970,7 @@ class GCSStore(ObjectStore):
             if headers.get(k):
                 setattr(blob, k, headers[k])
         if size <= self.part_size:
-            data = bytearray()
-            for c in chunks:
-                data += c
-                if len(data) > size:
-                    break
-            _check_total(key, len(data), size)
+            data = _read_whole(key, chunks, size)
             d = _Digests()
             d.update(data)
             _check_expected(key, d, sha256, md5)

@@ -219,8 +219,9 @@ def sync_shared_table(src: psycopg.Connection, dst: psycopg.Connection, plan: Pl
 
 # ---------------------------------------------------------------------------- preflight helpers
 def key_collisions(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, batch: int = 20000,
-                   samples: int = 5) -> tuple[int, list]:
-    """Org rows whose key already exists on the target. Fast path: no target row in the key range."""
+                   samples: int = 5, ignore_org_rows: bool = False) -> tuple[int, list]:
+    """Org rows whose key already exists on the target. Fast path: no target row in the key range.
+    ``ignore_org_rows``: target rows that are this org's (a copy left by an earlier move) do not count."""
     first = qi(tp.key[0])
     lo, hi, n = src.execute(f"SELECT min(t.{first}), max(t.{first}), count(*) FROM {qi(tp.table)} t WHERE {tp.where}").fetchone()
     if not n:
@@ -238,7 +239,8 @@ def key_collisions(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePl
             if not keys:
                 break
             rows = dst.execute(f"SELECT {keyexpr} FROM {qi(tp.table)} t WHERE t.{first} BETWEEN %s AND %s "
-                               f"AND {keyexpr} = ANY(%s)", (lo, hi, keys)).fetchall()
+                               f"AND {keyexpr} = ANY(%s)" + (f" AND NOT coalesce({tp.where}, false)" if ignore_org_rows else ""),
+                               (lo, hi, keys)).fetchall()
             found += len(rows)
             sample.extend(r[0] for r in rows[: samples - len(sample)])
     return found, sample

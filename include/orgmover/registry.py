@@ -365,6 +365,12 @@ class RegistryClient:
             body = ""
         return cls(message, status=resp.status_code, body=body.strip(), method=method, url=url)
 
+    def _gave_up(self, method: str, url: str, last: httpx.Response | Exception | None) -> RegistryError:
+        """The error after the last retry: the last answer, or the last transport error."""
+        if isinstance(last, httpx.Response):
+            return self._error(method, url, last, f"still failing after {self.retries + 1} attempts")
+        return RegistryError(f"{type(last).__name__}: {last} (after {self.retries + 1} attempts)", method=method, url=url)
+
     def _request(self, method: str, url: str, *, expect: tuple[int, ...] = (200,), allow: tuple[int, ...] = (),
                  headers: dict | None = None, params: dict | None = None,
                  content: bytes | None = None) -> httpx.Response:
@@ -389,10 +395,7 @@ class RegistryClient:
                 last = resp
             if attempt < self.retries:
                 time.sleep(self._delay(attempt, resp))
-        if isinstance(last, httpx.Response):
-            raise self._error(method, url, last, f"still failing after {self.retries + 1} attempts")
-        raise RegistryError(f"{type(last).__name__}: {last} (after {self.retries + 1} attempts)",
-                            method=method, url=url)
+        raise self._gave_up(method, url, last)
 
     @contextlib.contextmanager
     def _stream(self, method: str, url: str, headers: dict | None = None,
@@ -420,10 +423,7 @@ class RegistryClient:
                 last = resp
             if attempt < self.retries:
                 time.sleep(self._delay(attempt, resp))
-        if isinstance(last, httpx.Response):
-            raise self._error(method, url, last, f"still failing after {self.retries + 1} attempts")
-        raise RegistryError(f"{type(last).__name__}: {last} (after {self.retries + 1} attempts)",
-                            method=method, url=url)
+        raise self._gave_up(method, url, last)
 
     def _paged(self, path: str, key: str) -> list[str]:
         out: list[str] = []

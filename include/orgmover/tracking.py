@@ -153,6 +153,15 @@ class Tracking:
             return c.execute("SELECT * FROM orgmover.migrations WHERE organization_id = %s AND state NOT IN "
                              "('completed', 'rolled_back')", (org_id,)).fetchone()
 
+    def move_left_behind(self, org_id: int, source: str, target: str) -> dict | None:
+        """The latest completed move of ``org_id`` from ``source`` to ``target`` whose copy on ``source``
+        was neither cleaned nor replaced yet (moving the org back replaces it)."""
+        with self.conn() as c:
+            return c.execute("SELECT * FROM orgmover.migrations WHERE organization_id = %s AND source_cell = %s AND "
+                             "target_cell = %s AND state = 'completed' AND source_cleaned_at IS NULL AND "
+                             "(options -> 'moved_back_by') IS NULL ORDER BY id DESC LIMIT 1",
+                             (org_id, source, target)).fetchone()
+
     def latest_for_org(self, org_id: int) -> dict | None:
         with self.conn() as c:
             return c.execute("SELECT * FROM orgmover.migrations WHERE organization_id = %s ORDER BY id DESC LIMIT 1",
