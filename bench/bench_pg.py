@@ -241,7 +241,8 @@ def main() -> int:
 
     print()
     print(table(["measure", "orgmover", "baseline (same run)", "ratio", "goal"], rows))
-    env.down(destroy=True, log=lambda *_: None)
+    if not args.keep:
+        env.down(destroy=True, log=lambda *_: None)
     return 0
 
 

@@ -170,6 +170,12 @@ def _tableize(class_name: str) -> str:
     return snake + "s"
 
 
+# Ends every EXISTS of the keyed predicates: with an OFFSET, PostgreSQL neither turns the EXISTS into a
+# join nor into a hashed set of all the org's parents; it stays one index lookup per picked row, whatever
+# the statistics say (stale right after a bulk copy, they made it start from the parents: 0.44 s for 249 rows)
+_KEYED = " OFFSET 0"
+
+
 class Planner:
     """Builds a :class:`Plan` for one organization from a catalog and a dictionary."""
 
@@ -252,8 +258,8 @@ class Planner:
         self._edge([col], ref_table, [ref_col], when)
         b = self._next_alias()
         inner = tpl.replace("{a}", b)
-        if self.keyed:  # one index lookup per picked row and parent
-            return f"EXISTS (SELECT 1 FROM {qi(ref_table)} {b} WHERE {b}.{qi(ref_col)} = {{a}}.{qi(col)} AND {inner})"
+        if self.keyed:  # one index lookup per picked row and parent (see _KEYED)
+            return f"EXISTS (SELECT 1 FROM {qi(ref_table)} {b} WHERE {b}.{qi(ref_col)} = {{a}}.{qi(col)} AND {inner}{_KEYED})"
         return f"{{a}}.{qi(col)} IN (SELECT {b}.{qi(ref_col)} FROM {qi(ref_table)} {b} WHERE {inner})"
 
     def _root_column(self, table: str) -> str | None:
@@ -389,7 +395,7 @@ class Planner:
             refs = ", ".join(f"{b}.{qi(c)}" for c in fk.ref_columns)
             if self.keyed:
                 match = " AND ".join(f"{b}.{qi(r)} = {{a}}.{qi(c)}" for c, r in zip(fk.columns, fk.ref_columns))
-                return (f"EXISTS (SELECT 1 FROM {qi(fk.ref_table)} {b} WHERE {match} AND {inner})",
+                return (f"EXISTS (SELECT 1 FROM {qi(fk.ref_table)} {b} WHERE {match} AND {inner}{_KEYED})",
                         f"inferred: foreign key ({', '.join(fk.columns)}) -> {fk.ref_table}", True)
             return (f"({cols}) IN (SELECT {refs} FROM {qi(fk.ref_table)} {b} WHERE {inner})",
                     f"inferred: foreign key ({', '.join(fk.columns)}) -> {fk.ref_table}", True)
