@@ -70,6 +70,7 @@ class _Idle:
                 if not stack:
                     return None
                 since, conn = stack.pop()
+            conn._om_idle = False
             if now - since <= self.seconds() and _healthy(conn):
                 return conn
             conn._discard()
@@ -82,6 +83,7 @@ class _Idle:
             if len(stack) >= self.limit:
                 return False
             stack.append((time.monotonic(), conn))
+            conn._om_idle = True
         return True
 
     def clear(self) -> None:
@@ -106,23 +108,33 @@ _idle = _Idle()
 
 
 class CellConnection(psycopg.Connection):
-    """A connection to a cell; closing it (or leaving its ``with`` block without an error) keeps it for
-    the next ``Cell.connect`` of this process when it is clean (see :class:`_Idle`)."""
+    """A connection to a cell. Leaving its ``with`` block without an error (or :func:`release`) keeps it
+    for the next ``Cell.connect`` of this process when it is clean (see :class:`_Idle`); ``close()``
+    closes it. Give a connection back once, by one of the two."""
 
     _om_dsn: str | None = None
-
-    def close(self) -> None:
-        if self._om_dsn is None or not _idle.put(self._om_dsn, self):
-            self._discard()
+    _om_idle = False
 
     def _discard(self) -> None:
-        self._om_dsn = None
+        self._om_dsn, self._om_idle = None, False
         super().close()
 
+    def _keep(self) -> bool:
+        return self._om_dsn is not None and not self.closed and _idle.put(self._om_dsn, self)
+
     def __exit__(self, exc_type, exc_val, exc_tb) -> None:
-        if exc_type is not None:
-            self._om_dsn = None  # after an error the session's state is not known: never kept
-        super().__exit__(exc_type, exc_val, exc_tb)
+        if self._om_idle or (exc_type is None and self._keep()):
+            return
+        super().__exit__(exc_type, exc_val, exc_tb)  # commits or rolls back, then closes
+
+
+def release(conn: psycopg.Connection) -> bool:
+    """Done with a connection from ``Cell.connect`` (outside a ``with`` block): kept for reuse when it is
+    clean, else closed. Returns whether it was kept."""
+    if isinstance(conn, CellConnection) and conn._keep():
+        return True
+    conn.close()
+    return False
 
 
 @dataclass

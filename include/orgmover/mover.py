@@ -28,6 +28,7 @@ import psycopg
 from orgmover import report
 from orgmover.catalog import Catalog, load_dictionary, read_catalog, read_foreign_keys
 from orgmover.cells import Cell, check_cell_name
+from orgmover.cells import release as release_connection
 from orgmover.errors import (ClassificationError, ConfigError, OrgMoverError, PreflightError, StateError,
                              ValidationFailed)
 from orgmover.pgcopy import (INTEGER_TYPES, Progress, apply_deletions, check_shared_matches, chunk_bounds, copy_chunk,
@@ -573,7 +574,7 @@ def copy_tables(ctx: MoveContext, mid: int, tables: list[str], workers: int = 2)
             return list(ex.map(lambda t: copy_table(ctx, mid, t, (m, plan, connections)), order))
     finally:
         for c in opened:
-            c.close()
+            release_connection(c)  # kept for the next step of this task when clean
 
 
 def sync_shared(ctx: MoveContext, mid: int) -> None:
@@ -661,7 +662,7 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4) -> list[str]:
                     r["joined_with_parent"] = n_rows
     finally:
         for c in opened:
-            c.close()
+            release_connection(c)  # kept for the next step of this task when clean
     ctx.tracking.update_tables(mid, {table: {"synced_in_window": m["maintenance_window"], "sync_detail": res}
                                      for table, res in results.items()})
     ctx.log(f"synced {len(results)} tables in {time.monotonic() - t0:.2f}s: "
