@@ -253,7 +253,7 @@ def test_moving_back_after_the_switch_replaces_the_copy_left_on_the_source(deven
     preflight accepts the copy the first move left on the old source (only rows that are the org's),
     the copy is replaced by the rows as they are now, with the same short write window; the first
     move's cleanup then has nothing left to delete."""
-    from orgmover.errors import StateError
+    from orgmover.errors import PreflightError, StateError
 
     monkeypatch.setenv("ORGMOVER_FULL_VALIDATION", "1")  # every chunk of every table compared in the window
     org = seeded["tau"]
@@ -271,6 +271,16 @@ def test_moving_back_after_the_switch_replaces_the_copy_left_on_the_source(deven
         removed = c.execute("DELETE FROM label_links WHERE id = (SELECT min(l.id) FROM label_links l JOIN labels b ON "
                             "b.id = l.label_id JOIN projects p ON p.id = b.project_id WHERE p.organization_id = %s) "
                             "RETURNING id", (org.id,)).fetchone()[0]
+    # a row of another organization on the old source with the key of one of the org's rows: a real collision
+    with psycopg.connect(src_dsn) as c:
+        c.execute("INSERT INTO events (id, project_id, author_id, action, target_type) SELECT %s, e.project_id, "
+                  "e.author_id, 1, 'Squatter' FROM events e JOIN projects p ON p.id = e.project_id "
+                  "WHERE p.organization_id <> %s ORDER BY e.id LIMIT 1", (added, org.id))
+    with pytest.raises(PreflightError, match=rf"1 rows of organization {org.id} in events already exist on legacy "
+                                             rf"\(keys \({added}\)\) and are not the organization's"):
+        mover.preflight(ctx, org.id, "cell-1", "legacy")
+    with psycopg.connect(src_dsn) as c:
+        c.execute("DELETE FROM events WHERE id = %s AND target_type = 'Squatter'", (added,))
     legacy_before = _snap(devenv, "legacy").tables
 
     back = run_move(ctx, org.id, "cell-1", "legacy")
