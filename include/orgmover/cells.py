@@ -86,13 +86,6 @@ class _Idle:
             conn._om_idle = True
         return True
 
-    def clear(self) -> None:
-        with self.lock:
-            conns, self.conns = self.conns, {}
-        for stack in conns.values():
-            for _, c in stack:
-                c._discard()
-
 
 def _healthy(conn: psycopg.Connection) -> bool:
     if conn.closed or conn.broken or not conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:

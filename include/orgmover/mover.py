@@ -34,7 +34,7 @@ from orgmover.errors import (ClassificationError, ConfigError, OrgMoverError, Pr
 from orgmover.pgcopy import (INTEGER_TYPES, Progress, apply_deletions, check_shared_matches, chunk_bounds, copy_chunk,
                              bind, delete_absent, delete_org_rows, key_collisions, key_filter, key_types, org_keys, org_stats,
                              remap_tables, row_transformer, rows_through, sync_changed_rows, sync_keys, sync_shared_table)
-from orgmover.plan import Plan, Planner, qi
+from orgmover.plan import Plan, Planner, TablePlan, qi
 from orgmover.topology import NotFound, TopologyClient, VersionConflict
 from orgmover.tracking import Tracking
 from orgmover.validation import encrypted_diff, fk_violations
@@ -196,14 +196,14 @@ def run_checks(ctx: MoveContext, org_id: int, source: str, target: str, value_ma
                     problems.append(f"id collision: {n} rows of organization {org_id} in {tp.table} already exist on "
                                     f"{target} (keys {', '.join(sample)})"
                                     + (" and are not the organization's" if back else ""))
-                if back and not adopt:
+                if back:
                     left += int(dst.execute(f"SELECT count(*) FROM {qi(tp.table)} t WHERE {tp.where}").fetchone()[0])
-            if back and not adopt:
+            if back:
                 notes.append(f"moving organization {org_id} back: {left:,} of its rows are still on {target} from "
                              f"migration #{back['id']} (switched {back['switched_at']:%Y-%m-%d %H:%M:%S} UTC); they are "
                              f"replaced by the rows as they are on {source} now")
         return PreflightResult(active["id"] if active else None, problems, notes, plan, route_version,
-                               back["id"] if back and not active else None, value_maps)
+                               back["id"] if back else None, value_maps)
 
 
 def _inverted_maps(maps: dict) -> tuple[dict, str | None]:
@@ -490,11 +490,9 @@ def _remove_left_copy(ctx: MoveContext, m: dict, back_id: int) -> None:
     plan = load_plan(ctx, m["id"])
     with ctx.cell(m["target_cell"]).connect() as dst, ctx.cell(m["source_cell"]).connect() as src:
         counts = delete_org_rows(dst, plan, logger=ctx.log, source=src)
-    now = datetime.now(timezone.utc)
     ctx.tracking.update(m["id"], options={**(m.get("options") or {}), "left_copy_removed": sum(counts.values())})
-    with ctx.tracking.conn() as c:
-        c.execute("UPDATE orgmover.migrations SET source_cleaned_at = %s, options = coalesce(options, '{}'::jsonb) || "
-                  "jsonb_build_object('moved_back_by', %s::int) WHERE id = %s", (now, m["id"], back_id))
+    ctx.tracking.update(back_id, source_cleaned_at=datetime.now(timezone.utc),
+                        options={**(back.get("options") or {}), "moved_back_by": m["id"]})
     ctx.tracking.event(back_id, "info", f"moved back by migration #{m['id']}: the copy on {m['target_cell']} "
                                         f"({sum(counts.values())} rows) was replaced")
     ctx.log(f"moving organization {org} back: removed the {sum(counts.values()):,} rows migration #{back_id} left on "
@@ -670,6 +668,24 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4) -> list[str]:
     return sync_deletions(ctx, mid, captured, _checked=(m, catalog_future.result()))
 
 
+def _follow_children(plan: Plan, start: dict[str, set[tuple]], captured,
+                     find: Callable[[TablePlan, dict, TablePlan, list[tuple]], set[tuple]]) -> dict[str, set[tuple]]:
+    """Walk down from the rows ``start`` (keys per table) through every table's parent edges
+    (``Plan.children``): ``find(child, edge, parent, keys)`` gives the child rows to follow, and their
+    own children are followed in turn. Rows written since the pre-copy (``captured``) are synced on
+    their own and not followed. Returns the keys found per table."""
+    found: dict[str, set[tuple]] = {}
+    queue = sorted((t, set(keys)) for t, keys in start.items() if keys)
+    while queue:
+        table, keys = queue.pop(0)
+        for child, edge in plan.children(table):
+            rows = find(child, edge, plan.tables[table], sorted(keys)) - captured.of(child.table) - found.get(child.table, set())
+            if rows:
+                found.setdefault(child.table, set()).update(rows)
+                queue.append((child.table, rows))
+    return found
+
+
 def _follow_entered(ctx: MoveContext, mid: int, plan: Plan, captured, src, dst, src_cell: Cell, dst_cell: Cell) -> dict[str, int]:
     """Rows that joined the org on the target in the window (recorded by :func:`sync_keys`, kept until
     done) bring the rows that belong to the org through them: a project moved into one of the org's
@@ -680,21 +696,14 @@ def _follow_entered(ctx: MoveContext, mid: int, plan: Plan, captured, src, dst, 
     if not pending:
         return {}
     t0 = time.monotonic()
-    queue = sorted(pending.items())
-    done: dict[str, set[tuple]] = {}
+    joined = _follow_children(plan, pending, captured,
+                              lambda child, edge, parent, keys: rows_through(src, child, edge, parent, keys))
     copied: dict[str, int] = {}
-    while queue:
-        table, keys = queue.pop(0)
-        for child, edge in plan.children(table):
-            found = rows_through(src, child, edge, plan.tables[table], sorted(keys))
-            found -= captured.of(child.table) | done.get(child.table, set())
-            if not found:
-                continue
-            done.setdefault(child.table, set()).update(found)
-            res = sync_keys(src, dst, child, found, _transformer(src, dst, plan, child, src_cell, dst_cell), logger=ctx.log)
-            copied[child.table] = copied.get(child.table, 0) + res["changed"]
-            captured.keys.setdefault(child.table, set()).update(found)  # written by the window: foreign keys checked
-            queue.append((child.table, found))
+    for table, keys in sorted(joined.items()):
+        child = plan.tables[table]
+        copied[table] = sync_keys(src, dst, child, keys, _transformer(src, dst, plan, child, src_cell, dst_cell),
+                                  logger=ctx.log)["changed"]
+        captured.keys.setdefault(table, set()).update(keys)  # written by the window: foreign keys checked
     ctx.tracking.clear_entered(mid, list(pending))
     if copied:
         ctx.log(f"rows that joined the organization with a parent since the pre-copy, copied in "
@@ -707,20 +716,11 @@ def _follow_leaving(src, dst, plan: Plan, absent: dict[str, list[tuple]], captur
     along, though none of them was written): found on the target through the keys of the parents that
     are no longer the org's, before anything is deleted; a row the source still has as the org's
     (it also belongs through another parent) stays. Returns keys to delete per table."""
-    leaving: dict[str, set[tuple]] = {}
-    queue = sorted((t, set(keys)) for t, keys in absent.items() if keys)
-    while queue:
-        table, keys = queue.pop(0)
-        for child, edge in plan.children(table):
-            candidates = rows_through(dst, child, edge, plan.tables[table], sorted(keys), org=False)
-            candidates -= captured.of(child.table) | leaving.get(child.table, set())
-            if not candidates:
-                continue
-            gone = candidates - org_keys(src, child, candidates)
-            if gone:
-                leaving.setdefault(child.table, set()).update(gone)
-                queue.append((child.table, gone))
-    return leaving
+    def gone(child: TablePlan, edge: dict, parent: TablePlan, keys: list[tuple]) -> set[tuple]:
+        candidates = rows_through(dst, child, edge, parent, keys, org=False) - captured.of(child.table)
+        return candidates - org_keys(src, child, candidates) if candidates else set()
+
+    return _follow_children(plan, {t: set(keys) for t, keys in absent.items()}, captured, gone)
 
 
 def _needs_shared_sync(plan: Plan, captured) -> bool:

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import psycopg
 
 from orgmover.errors import CopyError, PreflightError
-from orgmover.plan import Plan, TablePlan, qi
+from orgmover.plan import Plan, TablePlan, qi, ql
 from orgmover.secrets import ColumnSpec
 
 log = logging.getLogger("orgmover.pgcopy")
@@ -545,10 +545,10 @@ def sync_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, k
 
 def org_keys(conn: psycopg.Connection, tp: TablePlan, keys: set[tuple] | list[tuple], batch: int = 50_000) -> set[tuple]:
     """Those of ``keys`` (as text) whose rows are the org's on this cell."""
-    keys, out = sorted(keys), set()
+    keys, out, types = sorted(keys), set(), key_types(conn, tp)
     kcols = ", ".join(f"t.{qi(c)}::text" for c in tp.key)
     for i in range(0, len(keys), batch):
-        cond, params = key_filter(tp.key, key_types(conn, tp), keys[i:i + batch])
+        cond, params = key_filter(tp.key, types, keys[i:i + batch])
         out |= {tuple(r) for r in conn.execute(tp.picked_sql(cond, kcols), params)}
     return out
 
@@ -569,8 +569,9 @@ def rows_through(conn: psycopg.Connection, child: TablePlan, edge: dict, parent:
     if edge["ref_columns"] != parent.key:  # the edge references other columns of the parent: their values
         values: set[tuple] = set()
         cols = ", ".join(f"t.{qi(c)}::text" for c in edge["ref_columns"])
+        parent_types = key_types(conn, parent)
         for i in range(0, len(keys), batch):
-            cond, params = key_filter(parent.key, key_types(conn, parent), keys[i:i + batch])
+            cond, params = key_filter(parent.key, parent_types, keys[i:i + batch])
             values |= {tuple(r) for r in conn.execute(f"SELECT DISTINCT {cols} FROM {qi(parent.table)} t WHERE {cond}", params)}
         keys, types = sorted(values), column_types(conn, parent.table, edge["ref_columns"])
     else:
@@ -580,7 +581,7 @@ def rows_through(conn: psycopg.Connection, child: TablePlan, edge: dict, parent:
     when = ""
     if edge.get("when"):
         type_col, value = edge["when"]
-        when = f" AND t.{qi(type_col)} = " + "'" + str(value).replace("'", "''") + "'"
+        when = f" AND t.{qi(type_col)} = {ql(value)}"
     for i in range(0, len(keys), batch):
         cond = bind(conn, *key_filter(edge["columns"], types, keys[i:i + batch])) + when
         sql = child.picked_sql(cond, kcols) if org else f"SELECT {kcols} FROM {qi(child.table)} t WHERE {cond}"

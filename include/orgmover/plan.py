@@ -43,6 +43,11 @@ def qi(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def ql(value: object) -> str:
+    """Quote a text literal."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 @dataclass
 class Remap:
     """A column that references a shared table matched by a non-key column (e.g. shard_id -> shards.name)."""
@@ -294,8 +299,7 @@ class Planner:
                 hows.append(f"{value} -> {target} (not org data, excluded)")
                 continue
             ref_col = self.catalog.tables[target].primary_key[0] if len(self.catalog.tables[target].primary_key) == 1 else "id"
-            lit = "'" + value.replace("'", "''") + "'"
-            parts.append(f"({{a}}.{qi(type_col)} = {lit} AND {self._via(id_col, target, ref_col, [type_col, value])})")
+            parts.append(f"({{a}}.{qi(type_col)} = {ql(value)} AND {self._via(id_col, target, ref_col, [type_col, value])})")
             hows.append(f"{value} -> {target}")
         if t.column(type_col) is None or t.column(id_col) is None:
             raise ClassificationError(f"table {table}: polymorphic columns {type_col}/{id_col} do not exist")

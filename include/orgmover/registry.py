@@ -668,6 +668,30 @@ def _blobs(media_type: str, body: bytes) -> list[dict]:
     return out
 
 
+def repository_blobs(client: RegistryClient, repo: str) -> tuple[int, dict[str, int]]:
+    """(tags, {digest: size} of every blob the tags reference, through indexes) of a repository, read
+    only; (0, {}) for a repository the registry does not have."""
+    try:
+        tags = client.tags(repo)
+    except RegistryError as e:
+        if e.status == 404:
+            return 0, {}
+        raise
+    found: dict[str, int] = {}
+    todo, seen = list(tags), set()
+    while todo:
+        media_type, body, digest = client.get_manifest(repo, todo.pop())
+        if digest in seen:
+            continue
+        seen.add(digest)
+        if media_type in INDEX_MEDIA_TYPES:
+            todo += [c["digest"] for c in _children(media_type, body)]
+        else:
+            for d in _blobs(media_type, body):
+                found[d["digest"]] = int(d.get("size") or 0)
+    return len(tags), found
+
+
 def _same_registry(a: RegistryClient, b: RegistryClient) -> bool:
     return httpx.URL(a.base_url) == httpx.URL(b.base_url)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import psycopg
 
 from orgmover import git, objects, registry
-from orgmover.plan import Plan, qi
+from orgmover.plan import Plan
 from orgmover.replication import MissingOnSource, Replicable
 
 OBJECT_TYPES = ("uploads", "lfs", "artifacts", "packages")
@@ -429,31 +429,8 @@ def estimate(src_conn: psycopg.Connection, plan: Plan, src: CellStorage, dst: Ce
         client = src.registry()
         paths = container_paths(src_conn, plan)
 
-        def blobs_of(path: str) -> tuple[int, dict[str, int]]:
-            try:
-                tags = client.tags(path)
-            except registry.RegistryError as e:
-                if e.status == 404:
-                    return 0, {}
-                raise
-            found: dict[str, int] = {}
-            todo = [t for t in tags]
-            seen = set()
-            while todo:
-                ref = todo.pop()
-                media_type, body, digest = client.get_manifest(path, ref)
-                if digest in seen:
-                    continue
-                seen.add(digest)
-                if media_type in registry.INDEX_MEDIA_TYPES:
-                    todo += [c["digest"] for c in registry._children(media_type, body)]
-                else:
-                    for d in registry._blobs(media_type, body):
-                        found[d["digest"]] = int(d.get("size") or 0)
-            return len(tags), found
-
         with ThreadPoolExecutor(max(1, workers)) as ex:
-            per_repo = dict(zip(paths, ex.map(blobs_of, paths)))
+            per_repo = dict(zip(paths, ex.map(lambda p: registry.repository_blobs(client, p), paths)))
         unique: dict[str, int] = {}
         for _, found in per_repo.values():
             unique.update(found)
@@ -464,7 +441,7 @@ def estimate(src_conn: psycopg.Connection, plan: Plan, src: CellStorage, dst: Ce
         for path in _spread(sorted((p for p in paths if per_repo[p][0]), key=lambda p: sum(per_repo[p][1].values())),
                             samples):
             t0 = time.monotonic()
-            _, found = blobs_of(path)
+            _, found = registry.repository_blobs(client, path)
             for digest in found:
                 for _ in client.get_blob(path, digest):
                     pass

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import psycopg
 
 from orgmover.catalog import Catalog
-from orgmover.plan import Plan, TablePlan, qi
+from orgmover.plan import Plan, TablePlan, qi, ql
 from orgmover.secrets import ColumnSpec, SecretError
 
 
@@ -40,12 +40,8 @@ def _mapped(expr: str, value_map: dict) -> str:
     """``expr`` with configured source -> target values substituted (source side only)."""
     if not value_map:
         return expr
-    whens = " ".join(f"WHEN {_lit(k)} THEN {_lit(v)}" for k, v in sorted(value_map.items()))
+    whens = " ".join(f"WHEN {ql(k)} THEN {ql(v)}" for k, v in sorted(value_map.items()))
     return f"(CASE ({expr})::text {whens} ELSE ({expr})::text END)"
-
-
-def _lit(v: str) -> str:
-    return "'" + str(v).replace("'", "''") + "'"
 
 
 def row_exprs(tp: TablePlan, source: bool = False) -> list[str]:
