@@ -279,11 +279,23 @@ def test_moving_back_after_the_switch_replaces_the_copy_left_on_the_source(deven
     with pytest.raises(PreflightError, match=rf"1 rows of organization {org.id} in events already exist on legacy "
                                              rf"\(keys \({added}\)\) and are not the organization's"):
         mover.preflight(ctx, org.id, "cell-1", "legacy")
+    assert ctx.tracking.latest_for_org(org.id)["id"] == fwd  # refused: no migration was created
     with psycopg.connect(src_dsn) as c:
         c.execute("DELETE FROM events WHERE id = %s AND target_type = 'Squatter'", (added,))
     legacy_before = _snap(devenv, "legacy").tables
 
-    back = run_move(ctx, org.id, "cell-1", "legacy")
+    # the left copy is removed only while the org is still routed to the cell it moves back from
+    back = mover.preflight(ctx, org.id, "cell-1", "legacy")
+    mover.make_plan(ctx, back)
+    topo = devenv.topology()
+    r = topo.route(org.id)
+    moved = topo.update_route(org.id, r["version"], cell="legacy")
+    with pytest.raises(StateError, match="nothing was deleted"):
+        mover.prepare_target(ctx, back)
+    assert _snap(devenv, "legacy").tables == legacy_before
+    topo.update_route(org.id, moved["version"], cell="cell-1")
+
+    assert run_move(ctx, org.id, "cell-1", "legacy") == back  # the same migration, resumed
     m = ctx.tracking.get(back)
     assert m["state"] == "completed" and m["options"]["moves_back"] == fwd and m["options"]["left_copy_removed"] > 0
     assert devenv.topology().route(org.id)["cell"] == "legacy"
