@@ -17,7 +17,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param, TaskGroup, TriggerRule
 
-from orgmover_airflow.operators import (CopyTableOperator, GoNoGoOperator, MaintenanceOnOperator, PlanOperator,
+from orgmover_airflow.operators import (CatchUpOperator, CopyTableOperator, GoNoGoOperator, MaintenanceOnOperator, PlanOperator,
                                         PrecopyDoneOperator, PreflightOperator, PrepareTargetOperator,
                                         ReleaseOperator, ReplicateFinalOperator, ReplicateOperator, SummaryOperator,
                                         SwitchoverOperator, SyncAllOperator, ValidateAllOperator)
@@ -94,8 +94,12 @@ with DAG(
                                        poke_interval=int(os.environ.get("ORGMOVER_REPLICATION_POKE", "15")))
         scan >> batches >> converge >> replicated
 
-    with TaskGroup("quiesce", tooltip="maintenance on: writes blocked") as g_quiesce:
+    with TaskGroup("quiesce", tooltip="catch up while writable, then maintenance on: writes blocked") as g_quiesce:
+        # the rows written since the pre-copy synced and the baseline refreshed right before the window,
+        # so the window only has the last seconds' writes
+        catch = CatchUpOperator(task_id="catch_up", migration_id=MID)
         maintenance = MaintenanceOnOperator(task_id="maintenance_on", migration_id=MID)
+        catch >> maintenance
 
     # the write window: as few tasks as possible (per-task overhead is writes blocked for nothing); each
     # task parallelises inside and logs per table
@@ -129,7 +133,8 @@ with DAG(
 
     is_move >> plan >> prepare
     precopied >> scan
-    replicated >> maintenance >> sync
+    replicated >> catch
+    maintenance >> sync
     storage_final >> validate
     go >> gate
     summary >> release

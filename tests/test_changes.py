@@ -141,6 +141,75 @@ def test_window_with_and_without_the_capture_slot(devenv, seeded, ctx, org_name,
         assert c.execute("SELECT count(*) FROM notes WHERE note = %s", (f"edited in the copy phase {org.id}",)).fetchone()[0] == 1
 
 
+def _confirmed(dsn, slot):
+    with psycopg.connect(dsn) as c:
+        return c.execute("SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                         (slot,)).fetchone()[0]
+
+
+def test_catch_up_syncs_while_writable_and_the_window_has_only_what_came_after(devenv, seeded, ctx):
+    """After the pre-copy and the baseline the org keeps being written. A catch-up, writes still
+    allowed, syncs those rows, refreshes the baseline and confirms the slot past them (the next read
+    starts there). A sync killed right after reading the slot (keys recorded, slot advanced, nothing
+    written) loses nothing: the next sync takes the keys from tracking. The window then syncs and
+    compares only what was written after the catch-up, and the move is exact."""
+    org, other = seeded["upsilon"], seeded["iota"]
+    src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
+    legacy_key, cell1_key = devenv.resolve_cell("legacy").db_key_base, devenv.resolve_cell("cell-1").db_key_base
+    dst_before = snapshot(dst_dsn, cell1_key)
+    mid = mover.preflight(ctx, org.id, "legacy", "cell-1", "catch-up")
+    try:
+        mover.copy_tables(ctx, mid, (mover.make_plan(ctx, mid), mover.prepare_target(ctx, mid))[0])
+        mover.precopy_done(ctx, mid)
+        moved = _change_org(src_dsn, org.id, other.id)
+        opts = ctx.tracking.get(mid)["options"]
+        slot, marks = opts["capture_slot"], opts["baseline_lsn"]
+        confirmed = _confirmed(src_dsn, slot)
+
+        res = mover.catch_up(ctx, mid)
+        assert res["passes"][0]["rows"] == 2  # the edited note and the new event; the deletions applied
+        assert not devenv.topology().route(org.id)["maintenance"]  # writes were never blocked
+        with psycopg.connect(dst_dsn) as c:
+            assert c.execute("SELECT count(*) FROM notes WHERE note = %s", (f"edited in the copy phase {org.id}",)).fetchone()[0] == 1
+            assert c.execute("SELECT count(*) FROM events WHERE id = %s", (moved,)).fetchone()[0] == 0
+        assert _confirmed(src_dsn, slot) > confirmed
+        opts = ctx.tracking.get(mid)["options"]
+        lsn = lambda s: int(s.split("/")[0], 16) << 32 | int(s.split("/")[1], 16)  # noqa: E731
+        assert lsn(opts["baseline_lsn"]["src"]) >= lsn(opts["capture_synced_lsn"]) > lsn(marks["src"])
+        assert lsn(opts["baseline_lsn"]["dst"]) > lsn(marks["dst"])  # the catch-up's own writes are in the baseline
+
+        with psycopg.connect(src_dsn) as c:  # written after the catch-up
+            edited = c.execute("UPDATE issues SET title = 'after the catch-up' WHERE id = (SELECT min(i.id) FROM issues i "
+                               "JOIN namespaces n ON n.id = i.namespace_id WHERE n.organization_id = %s) RETURNING id",
+                               (org.id,)).fetchone()[0]
+        plan = mover.load_plan(ctx, mid)
+        # a sync task that dies right after its read: the keys are recorded, the slot is past them
+        mover._captured_changes(ctx, ctx.tracking.get(mid), ctx.cell("legacy"), plan)
+        with psycopg.connect(src_dsn, autocommit=True) as c:
+            assert changes.read_changes(c, slot, {"issues": ["id"]}).keys == {}
+
+        mover.maintenance_on(ctx, mid)
+        mover.sync_all(ctx, mid)
+        details = {t["table_name"]: t["sync_detail"] for t in ctx.tracking.tables(mid) if t["strategy"] == "org"}
+        assert details["issues"]["keys"] == 1 and details["issues"]["changed"] == 1
+        assert all(d.get("changed") == 0 for t, d in details.items() if t != "issues")  # the rest was caught up
+        seen_src = snapshot(src_dsn, legacy_key)
+        mover.validate_all(ctx, mid)
+        validated = {t["table_name"]: t["validation_detail"] for t in ctx.tracking.tables(mid)}
+        assert validated["issues"]["incremental"]["written_rows_compared"] == 1  # only what came after the refresh
+        assert validated["notes"]["incremental"]["written_rows_compared"] == 0
+        mover.go_no_go(ctx, mid)
+        mover.switchover(ctx, mid)
+    except Exception:
+        mover.release(ctx, mid)
+        raise
+    with psycopg.connect(dst_dsn) as c:
+        assert c.execute("SELECT title FROM issues WHERE id = %s", (edited,)).fetchone()[0] == "after the catch-up"
+    expected = dict(org.rows)
+    expected["label_links"] -= 1
+    assert check_move(seen_src, snapshot(src_dsn, legacy_key), dst_before, snapshot(dst_dsn, cell1_key), expected) == []
+
+
 def test_window_validation_uses_the_baseline_and_still_catches_any_write(devenv, seeded, ctx):
     """After the pre-copy both cells' chunks are checksummed (the baseline) and a slot opens on the
     target too. In the window only rows written since, on either cell, are compared (row by row):

@@ -78,6 +78,16 @@ def flush_point(conn: psycopg.Connection) -> str:
     return lsn
 
 
+def advance(conn: psycopg.Connection, name: str, lsn: str) -> None:
+    """Confirm the slot up to ``lsn`` (a point :func:`read_changes` read up to, once what it read is
+    recorded elsewhere): the cell may recycle the WAL before it, and the next read starts there, so
+    reading costs what was written since, not since the slot was created. Never moves backwards."""
+    try:
+        conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (name, lsn))
+    except psycopg.Error as e:
+        raise CaptureUnavailable(str(e).strip()) from e
+
+
 def retained_bytes(conn: psycopg.Connection, name: str) -> int | None:
     """WAL the slot keeps on the source (what an abandoned migration would cost the cell)."""
     row = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots "
@@ -192,16 +202,34 @@ class CapturedChanges:
     keys: dict[str, set[tuple]] = field(default_factory=dict)
     rescan: dict[str, str] = field(default_factory=dict)
     changes: int = 0
+    upto: str | None = None  # the LSN read up to (transactions committed before it)
 
     def of(self, table: str) -> set[tuple]:
         return self.keys.get(table, set())
+
+    def update(self, other: "CapturedChanges") -> "CapturedChanges":
+        for t, keys in other.keys.items():
+            self.keys.setdefault(t, set()).update(keys)
+        for t, why in other.rescan.items():
+            self.rescan.setdefault(t, why)
+        self.changes += other.changes
+        self.upto = other.upto or self.upto
+        return self
+
+    def to_json(self) -> dict:
+        return {"keys": {t: sorted(list(k) for k in keys) for t, keys in self.keys.items()}, "rescan": self.rescan}
+
+    @classmethod
+    def from_json(cls, data: dict, changes: int = 0, upto: str | None = None) -> "CapturedChanges":
+        return cls({t: {tuple(k) for k in keys} for t, keys in data["keys"].items()}, dict(data["rescan"]), changes, upto)
 
 
 def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str]], schema: str = "public",
                  batch: int = 5000) -> CapturedChanges:
     """The keys (``tables``: table -> key columns) of every row inserted, updated or deleted on the
-    source since the slot was created, without consuming the slot. Writes to a partition count for
-    its partitioned table. Streams the change lines; only keys are kept."""
+    cell since the slot's confirmed point (its creation, or the last :func:`advance`), up to now
+    (``upto`` of the result), without consuming the slot. Writes to a partition count for its
+    partitioned table. Streams the change lines; only keys are kept."""
     roots: dict[str, str | None] = {}
 
     def root(t: str) -> str | None:
@@ -222,7 +250,7 @@ def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str
         return named[written]
     if not slot_exists(conn, name):
         raise CaptureUnavailable(f"replication slot {name} does not exist (dropped or invalidated)")
-    upto = flush_point(conn)
+    upto = out.upto = flush_point(conn)
     with conn.transaction():
         with conn.cursor(name="om_changes") as cur:
             cur.itersize = batch

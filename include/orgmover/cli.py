@@ -72,6 +72,7 @@ def run_move(ctx, org: int, source: str, target: str, run_id: str = "cli", befor
         mover.copy_tables(ctx, mid, tables)
         mover.precopy_done(ctx, mid)
         mover.replicate(ctx, mid)
+        mover.catch_up(ctx, mid)
         if before_window:
             before_window(mid)
         mover.maintenance_on(ctx, mid)

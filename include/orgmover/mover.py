@@ -407,7 +407,7 @@ def _chunking(ctx: MoveContext, mid: int, table: str) -> tuple[str | None, list[
     return row["chunk_column"], [c["lo"] for c in chunks[1:]]
 
 
-def copy_shared_rows(ctx: MoveContext, mid: int, in_window: bool = False) -> None:
+def copy_shared_rows(ctx: MoveContext, mid: int, in_window: bool = False, phase: str | None = None) -> None:
     """Make the shared rows the org references (users, LFS objects, pools; shards must match) exist
     on the target. Before the first copy, record the source's oldest running transaction: every row
     written from then on is synced again in the write window."""
@@ -416,14 +416,14 @@ def copy_shared_rows(ctx: MoveContext, mid: int, in_window: bool = False) -> Non
         _require_maintenance(ctx, m)
     plan = load_plan(ctx, mid)
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
-    ctx.tracking.phase_started(mid, "sync" if in_window else "copy")
+    ctx.tracking.phase_started(mid, phase or ("sync" if in_window else "copy"))
     with src_cell.connect() as src, dst_cell.connect() as dst:
         if m["precopy_xmin"] is None:
             _open_capture(ctx, mid, src)
             xmin = src.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()[0]
             ctx.tracking.update(mid, precopy_xmin=xmin)
             ctx.log(f"pre-copy starts at source transaction {xmin}: rows written from now on are synced in the write window")
-        if not in_window:
+        if not in_window and phase != "catch_up":
             ctx.tracking.update(mid, state="copying")
         for tp in plan.shared_in_order():
             res = sync_shared_table(src, dst, plan, tp, src_cell.key, dst_cell.key, logger=ctx.log)
@@ -579,32 +579,47 @@ def sync_shared(ctx: MoveContext, mid: int) -> None:
     copy_shared_rows(ctx, mid, in_window=True)
 
 
-def sync_all(ctx: MoveContext, mid: int, workers: int = 4) -> list[str]:
+def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = False) -> list[str]:
     """The write window's work in one task: shared rows, every table's changes since the pre-copy
     (tables in parallel, each worker with its own connections), deletions, foreign keys. Returns the
     tables to validate. One task instead of one per table: in the window, per-task overhead is writes
-    blocked for nothing."""
+    blocked for nothing.
+
+    ``writable``: the same while the org is still writable (:func:`catch_up`): only the changes since
+    the last sync, no foreign-key check (a row may arrive before its parent; the window checks)."""
     import queue
 
     m = ctx.tracking.get(mid)
-    _require_maintenance(ctx, m)
+    if writable:
+        route = ctx.topology.route(m["organization_id"])
+        if route["maintenance"] or m["state"] not in ("copied", "failed"):
+            raise StateError(f"migration #{mid} is {m['state']}{' in its write window' if route['maintenance'] else ''}: "
+                             f"catching up is for the copy phase, after the pre-copy")
+    else:
+        _require_maintenance(ctx, m)
     plan = load_plan(ctx, mid)
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
     t0 = time.monotonic()
     background = ThreadPoolExecutor(1)  # the target's foreign keys (for their check) meanwhile
 
     def target_catalog():
+        if writable:
+            return None
         with dst_cell.connect() as c:
             return read_foreign_keys(c)
 
     catalog_future = background.submit(target_catalog)
     background.shutdown(wait=False)
-    captured = _captured_changes(ctx, m, src_cell, plan)
+    # what was written since the last sync (the pre-copy, or the last catch-up)
+    captured = _captured_changes(ctx, m, src_cell, plan, after=(m.get("options") or {}).get("capture_synced_lsn"))
+    if writable and captured is None:
+        ctx.log("no change capture: nothing to catch up; the write window scans the rows written since the pre-copy")
+        return []
     if _needs_shared_sync(plan, captured):
-        sync_shared(ctx, mid)
+        copy_shared_rows(ctx, mid, in_window=not writable, phase="catch_up" if writable else "sync")
     else:  # a new reference to a shared row not on the target yet shows in the foreign-key check, which syncs them then
-        ctx.tracking.phase_started(mid, "sync")
-        ctx.log("shared rows: none written on the source since the pre-copy, no changed row remaps one")
+        ctx.tracking.phase_started(mid, "catch_up" if writable else "sync")
+        ctx.log("shared rows: none written on the source since the last sync, no changed row remaps one")
     rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
     org_tables = sorted(t for t in rows if rows[t]["strategy"] == "org")
     not_copied = [t for t in org_tables if rows[t]["state"] != "copied"]
@@ -661,11 +676,15 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4) -> list[str]:
     finally:
         for c in opened:
             release_connection(c)  # kept for the next step of this task when clean
-    ctx.tracking.update_tables(mid, {table: {"synced_in_window": m["maintenance_window"], "sync_detail": res}
+    ctx.tracking.update_tables(mid, {table: {"sync_detail": res} if writable else
+                                     {"synced_in_window": m["maintenance_window"], "sync_detail": res}
                                      for table, res in results.items()})
     ctx.log(f"synced {len(results)} tables in {time.monotonic() - t0:.2f}s: "
-            f"{sum(r['changed'] for r in results.values()):,} rows written since the pre-copy")
-    return sync_deletions(ctx, mid, captured, _checked=(m, catalog_future.result()))
+            f"{sum(r['changed'] for r in results.values()):,} rows written since the {'last sync' if writable else 'pre-copy'}")
+    out = sync_deletions(ctx, mid, captured, _checked=(m, catalog_future.result()), writable=writable)
+    if captured is not None:  # later syncs start from here
+        _set_options(ctx, mid, capture_synced_lsn=captured.upto)
+    return out
 
 
 def _follow_children(plan: Plan, start: dict[str, set[tuple]], captured,
@@ -729,32 +748,53 @@ def _needs_shared_sync(plan: Plan, captured) -> bool:
     return any(plan.tables[t].strategy == "shared" or plan.tables[t].remaps for t, keys in captured.keys.items() if keys)
 
 
-def _captured_changes(ctx: MoveContext, m: dict, src_cell: Cell, plan: Plan, slot_option: str = "capture_slot"):
-    """The keys written on the source since the pre-copy, from the capture slot (or, with
-    ``slot_option="capture_target_slot"`` and the target cell, on the target since the baseline); None
-    when there is no usable slot (never opened, dropped by a release, invalidated): then every table is
-    scanned (validated in full)."""
+def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_option: str = "capture_slot",
+                      after: str | None = None, drained: bool = False):
+    """The keys written on ``cell`` (the source, or with ``slot_option="capture_target_slot"`` the
+    target) since the read that went up to ``after`` (None: since the slot was created), from the
+    change-capture slot: what it holds now is read, recorded in tracking, and the slot advanced
+    past it, so the next read starts there (its cost follows what was written since, not since the
+    pre-copy, however long that took and whatever else the cell wrote); what was recorded before
+    is merged in. ``drained``: only what was recorded, without reading the slot. None when there
+    is no usable slot (never opened, dropped by a release, invalidated): then every table is scanned
+    (validated in full)."""
     from orgmover import changes
 
     name = (m.get("options") or {}).get(slot_option)
     if not name:
         return None
-    t0 = time.monotonic()
-    try:
-        with src_cell.connect() as src:
-            got = changes.read_changes(src, name, {t: tp.key for t, tp in plan.tables.items() if tp.strategy != "skip"})
-    except changes.CaptureUnavailable as e:
-        ctx.log(f"change capture: {e}; scanning the rows written since the pre-copy instead")
-        return None
-    ctx.log(f"change capture on {src_cell.name}: {got.changes:,} row changes in the plan's tables since the pre-copy "
-            f"({sum(len(k) for k in got.keys.values()):,} keys in {len(got.keys)} tables) read in {time.monotonic() - t0:.2f}s")
-    return got
+    if not drained:
+        t0 = time.monotonic()
+        try:
+            with cell.connect() as c:
+                if not changes.slot_exists(c, name):
+                    raise changes.CaptureUnavailable(f"replication slot {name} does not exist (dropped or invalidated)")
+                got = changes.read_changes(c, name, {t: tp.key for t, tp in plan.tables.items() if tp.strategy != "skip"})
+                if got.changes:
+                    ctx.tracking.add_captured(m["id"], name, got)  # recorded before the slot forgets it
+                changes.advance(c, name, got.upto)
+        except changes.CaptureUnavailable as e:
+            ctx.log(f"change capture on {cell.name}: {e}; scanning the rows written since the pre-copy instead")
+            return None
+        ctx.log(f"change capture on {cell.name}: {got.changes:,} row changes in the plan's tables since the last read "
+                f"({sum(len(k) for k in got.keys.values()):,} keys in {len(got.keys)} tables) read in {time.monotonic() - t0:.2f}s")
+    out = ctx.tracking.captured(m["id"], name, after)
+    if not drained:
+        out.upto = got.upto
+    return out
 
 
-def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | None = None) -> list[str]:
+def _set_options(ctx: MoveContext, mid: int, **values) -> None:
+    """Merge ``values`` into the migration's options (read again: another step may have set others)."""
+    ctx.tracking.update(mid, options={**(ctx.tracking.get(mid).get("options") or {}), **values})
+
+
+def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | None = None,
+                   writable: bool = False) -> list[str]:
     """Apply the source's deletions to the target, then check foreign keys; returns the tables to validate.
-    With the captured changes, the check reads only the rows the window wrote and the children of the
-    rows it deleted."""
+    With the captured changes, the check reads only the rows written since the pre-copy and the
+    children of the rows the window deleted. ``writable`` (a catch-up before the window): deletions
+    only."""
     if _checked is None:  # called on its own (sync_all checked maintenance and read the catalog)
         m, catalog = ctx.tracking.get(mid), None
         _require_maintenance(ctx, m)
@@ -763,7 +803,7 @@ def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | 
     plan = load_plan(ctx, mid)
     rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
     stale = [t for t, r in rows.items() if r["strategy"] == "org" and r["synced_in_window"] != m["maintenance_window"]]
-    if stale:
+    if stale and not writable:
         raise StateError(f"tables not synced in this maintenance window: {', '.join(sorted(stale))}")
     todo = []
     for t, r in sorted(rows.items()):
@@ -787,13 +827,21 @@ def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | 
                         + ", ".join(f"{t} {len(k):,}" for t, k in sorted(leaving.items())))
         gone = delete_absent(dst, plan, by_key, logger=ctx.log,
                              leaving=[(plan.tables[t], key_types(dst, plan.tables[t]), sorted(k)) for t, k in sorted(leaving.items())])
+        if writable:
+            ctx.tracking.phase_finished(mid, "catch_up")
+            return []
+        # every row written since the pre-copy (by catch-ups too), not only since the last sync
+        since_copy = captured if captured is None or not (m.get("options") or {}).get("capture_synced_lsn") else \
+            _captured_changes(ctx, m, src_cell, plan, drained=True)
         # the pre-copy's foreign keys were checked before the window; here only what the window touched:
         # tables with rows written or deleted, and tables referencing a table with deletions
         deleted = {tp.table for tp, *_ in todo} | {t for t, n in gone.items() if n}
         changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | deleted
+        if since_copy is not None:
+            changed |= {t for t, keys in since_copy.keys.items() if keys and plan.tables[t].strategy == "org"}
         catalog = catalog or read_foreign_keys(dst)
         touched = changed | {t for t in plan.tables if any(fk.ref_table in deleted for fk in catalog[t].foreign_keys)}
-        only = _touched_rows(dst, plan, catalog, rows, captured, touched, {tp.table for tp, *_ in todo}, leaving)
+        only = _touched_rows(dst, plan, catalog, rows, since_copy, touched, {tp.table for tp, *_ in todo}, leaving)
         problems = fk_violations(dst, plan, catalog, tables=touched, only=only)
     if problems and not _needs_shared_sync(plan, captured):
         ctx.log("a written row references a shared row the target lacks: syncing shared rows, then checking again")
@@ -925,6 +973,7 @@ def prevalidate(ctx: MoveContext, mid: int) -> dict:
                  or (r["strategy"] == "shared" and plan.tables[t].insert_missing))
     chunking = _chunking_of(ctx, mid, plan, rows, org)
     _open_target_capture(ctx, mid)
+    marks = _baseline_marks(ctx, mid, plan)  # read before the checksums: what is written after is read later
     at = datetime.now(timezone.utc).isoformat()
     t0 = time.monotonic()
     src, dst = _chunk_sums_both(ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"]), plan, org, chunking)
@@ -940,9 +989,115 @@ def prevalidate(ctx: MoveContext, mid: int) -> dict:
                 e = encrypted_diff(s, d, plan.tables[t], src_cell.key, dst_cell.key)
                 updates[t]["baseline"]["secrets_equal"] = e.ok
     ctx.tracking.update_tables(mid, updates)
+    _set_options(ctx, mid, baseline_lsn=marks)
     ctx.log(f"baseline checksums of {sum(len(v) for v in src.values())} chunks in {len(org)} tables in "
             f"{time.monotonic() - t0:.2f}s ({differ} chunks differ: written since their copy, re-checked in the window)")
     return {"tables": len(org), "chunks_differ": differ}
+
+
+def _baseline_marks(ctx: MoveContext, mid: int, plan: Plan) -> dict:
+    """Read both cells' capture slots up to now (recorded, the slots advanced): the points a baseline
+    taken right after starts from. In the window, the rows written on either cell since these points
+    are compared row by row; what was written before them is in the baseline's checksums."""
+    m = ctx.tracking.get(mid)
+    with ThreadPoolExecutor(2) as ex:
+        f_src = ex.submit(_captured_changes, ctx, m, ctx.cell(m["source_cell"]), plan)
+        f_dst = ex.submit(_captured_changes, ctx, m, ctx.cell(m["target_cell"]), plan, "capture_target_slot")
+        src, dst = f_src.result(), f_dst.result()
+    return {"src": src.upto if src is not None else None, "dst": dst.upto if dst is not None else None}
+
+
+def refresh_baseline(ctx: MoveContext, mid: int) -> dict:
+    """While the org is writable (after a catch-up): checksum again, on both cells, the chunks
+    written since the baseline (on either cell) and those that differed in it, and move the
+    baseline's starting points to now. The window then compares row by row only what is written
+    after this, not everything since the first baseline."""
+    from bisect import bisect_right
+
+    m, plan = ctx.tracking.get(mid), load_plan(ctx, mid)
+    marks = (m.get("options") or {}).get("baseline_lsn")
+    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
+    based = sorted(t for t, r in rows.items() if r.get("baseline"))
+    if not marks or not based or (m.get("options") or {}).get("capture_slot") is None:
+        return {"chunks": 0}
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    # what was written since the baseline, read up to now before the checksums
+    with ThreadPoolExecutor(2) as ex:
+        f_src = ex.submit(_captured_changes, ctx, m, src_cell, plan, "capture_slot", marks.get("src"))
+        f_dst = ex.submit(_captured_changes, ctx, m, dst_cell, plan, "capture_target_slot", marks.get("dst"))
+        written, on_target = f_src.result(), f_dst.result()
+    if written is None or on_target is None:
+        return {"chunks": 0}
+    new_marks = {"src": written.upto, "dst": on_target.upto}
+    written.update(on_target)
+    chunking = _chunking_of(ctx, mid, plan, rows, based)
+    redo: dict[str, list[int]] = {}
+    for t in based:
+        tp, base = plan.tables[t], rows[t]["baseline"]
+        keys = written.of(t)
+        if t in written.rescan or (keys and tp.strategy == "shared"):
+            continue  # checked in full in the window anyway
+        column, lows = chunking[t]
+        chunks = {int(k) for k in set(base["src"]) | set(base["dst"]) if base["src"].get(k) != base["dst"].get(k)}
+        if keys and column in tp.key and lows:
+            i = tp.key.index(column)
+            chunks |= {bisect_right(lows, int(k[i])) for k in keys}
+        elif keys:
+            chunks |= set(range(len(lows) + 1))
+        if chunks:
+            redo[t] = sorted(chunks)
+    if not redo:
+        _set_options(ctx, mid, baseline_lsn=new_marks)
+        return {"chunks": 0}
+    t0 = time.monotonic()
+    at = datetime.now(timezone.utc).isoformat()
+    src, dst = _chunk_sums_both(src_cell, dst_cell, plan, sorted(redo), chunking, redo)
+    updates = {}
+    differ = 0
+    with src_cell.connect() as s, dst_cell.connect() as d:
+        for t, chunks in redo.items():
+            base = rows[t]["baseline"]
+            new = {"at": at}
+            for side, sums in (("src", src[t]), ("dst", dst[t])):
+                kept = {k: v for k, v in base[side].items() if int(k) not in chunks}
+                new[side] = {**kept, **{str(k): list(v) for k, v in sums.items()}}
+            differ += sum(1 for k in set(new["src"]) | set(new["dst"]) if new["src"].get(k) != new["dst"].get(k))
+            if plan.tables[t].encrypted:
+                new["secrets_equal"] = encrypted_diff(s, d, plan.tables[t], src_cell.key, dst_cell.key).ok
+            updates[t] = {"baseline": {**base, **new}}
+    ctx.tracking.update_tables(mid, updates)
+    _set_options(ctx, mid, baseline_lsn=new_marks)  # after the checksums it stands for are recorded
+    n = sum(len(c) for c in redo.values())
+    ctx.log(f"baseline refreshed: {n} chunks in {len(redo)} tables checksummed again in {time.monotonic() - t0:.2f}s "
+            f"({differ} differ)")
+    return {"chunks": n, "tables": len(redo), "differ": differ}
+
+
+def catch_up(ctx: MoveContext, mid: int, max_passes: int = 5, settle_seconds: float = 2.0) -> dict:
+    """After the pre-copy, while the org is still writable: sync what was written since (from the
+    capture slot, like the window but without blocking writes) and refresh the validation baseline,
+    pass after pass until one takes less than ``settle_seconds`` (the writes keep coming; each pass
+    has less to do) or ``max_passes``. Like Vitess and Ghostferry, which apply the change stream
+    continuously: the write window then has only the last seconds' writes to sync and compare, and
+    its reads of the slots start where the last pass stopped, whatever the cell wrote meanwhile."""
+    passes = []
+    for i in range(max(1, max_passes)):
+        t0 = time.monotonic()
+        if not (ctx.tracking.get(mid).get("options") or {}).get("capture_slot"):
+            ctx.log("no change capture slot: nothing to catch up (the window scans the rows written since the pre-copy)")
+            break
+        sync_all(ctx, mid, writable=True)
+        rows = sum((t.get("sync_detail") or {}).get("changed", 0) for t in ctx.tracking.tables(mid) if t["strategy"] == "org")
+        base = refresh_baseline(ctx, mid)
+        took = time.monotonic() - t0
+        passes.append({"rows": rows, "chunks_rechecked": base["chunks"], "seconds": round(took, 3)})
+        ctx.log(f"catch-up pass {i + 1}: {rows:,} rows synced, {base['chunks']} baseline chunks checksummed again, "
+                f"in {took:.2f}s")
+        if took < settle_seconds:
+            break
+    ctx.tracking.event(mid, "info", f"caught up in {len(passes)} passes: "
+                                    + ", ".join(f"{p['rows']:,} rows in {p['seconds']:.2f}s" for p in passes))
+    return {"passes": passes}
 
 
 def _open_target_capture(ctx: MoveContext, mid: int) -> None:
@@ -1014,9 +1169,10 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     t0 = time.monotonic()
     only: dict[str, list[int]] = {}
     if not full and m["maintenance_window"]:
-        with ThreadPoolExecutor(2) as ex:  # both cells' slots at once
-            f_src = ex.submit(_captured_changes, ctx, m, src_cell, plan)
-            f_dst = ex.submit(_captured_changes, ctx, m, dst_cell, plan, "capture_target_slot")
+        marks = (m.get("options") or {}).get("baseline_lsn") or {}
+        with ThreadPoolExecutor(2) as ex:  # both cells' slots at once, each since the baseline
+            f_src = ex.submit(_captured_changes, ctx, m, src_cell, plan, "capture_slot", marks.get("src"))
+            f_dst = ex.submit(_captured_changes, ctx, m, dst_cell, plan, "capture_target_slot", marks.get("dst"))
             captured, on_target = f_src.result(), f_dst.result()
         if captured is not None and on_target is not None:
             for t, keys in on_target.keys.items():  # written on either cell since the baseline

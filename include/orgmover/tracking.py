@@ -94,6 +94,17 @@ CREATE TABLE IF NOT EXISTS orgmover.chunks (
   updated_at timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (migration_id, table_name, chunk_no)
 );
+-- keys read from a change-capture slot, recorded before the slot is advanced past them (nothing read
+-- is lost if a task dies in between: the next read sees the same changes again)
+CREATE TABLE IF NOT EXISTS orgmover.captured_changes (
+  migration_id bigint NOT NULL REFERENCES orgmover.migrations(id) ON DELETE CASCADE,
+  slot text NOT NULL,
+  upto_lsn pg_lsn NOT NULL,
+  at timestamptz NOT NULL DEFAULT now(),
+  changes bigint NOT NULL,
+  keys jsonb NOT NULL,
+  PRIMARY KEY (migration_id, slot, upto_lsn)
+);
 CREATE TABLE IF NOT EXISTS orgmover.events (
   id bigserial PRIMARY KEY,
   migration_id bigint REFERENCES orgmover.migrations(id) ON DELETE CASCADE,
@@ -281,6 +292,26 @@ class Tracking:
         with self.conn() as c:
             c.execute("UPDATE orgmover.tables SET entered_keys = NULL WHERE migration_id = %s AND table_name = ANY(%s)",
                       (mid, tables))
+
+    # -------------------------------------------------------------- captured changes (slot ledger)
+    def add_captured(self, mid: int, slot: str, got) -> None:
+        """Record what a read of ``slot`` found (a :class:`orgmover.changes.CapturedChanges` read up to
+        ``got.upto``); the slot may be advanced to ``got.upto`` once this commits."""
+        with self.conn() as c:
+            c.execute("INSERT INTO orgmover.captured_changes (migration_id, slot, upto_lsn, changes, keys) "
+                      "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING", (mid, slot, got.upto, got.changes, Jsonb(got.to_json())))
+
+    def captured(self, mid: int, slot: str, after: str | None = None):
+        """Every key recorded from ``slot`` by reads that went past ``after`` (an LSN; None: all), merged."""
+        from orgmover.changes import CapturedChanges
+
+        out = CapturedChanges()
+        with self.conn() as c:
+            for r in c.execute("SELECT upto_lsn::text AS upto, changes, keys FROM orgmover.captured_changes WHERE "
+                               "migration_id = %s AND slot = %s AND (%s::pg_lsn IS NULL OR upto_lsn > %s::pg_lsn) "
+                               "ORDER BY upto_lsn", (mid, slot, after, after)):
+                out.update(CapturedChanges.from_json(r["keys"], r["changes"], r["upto"]))
+        return out
 
     # -------------------------------------------------------------- chunks (resumable copy)
     def init_chunks(self, mid: int, table: str, bounds: list[int]) -> None:

@@ -1,8 +1,8 @@
-from orgmover_airflow.operators.move import (CleanupSourceOperator, ReplicateFinalOperator, ReplicateOperator, CopyTableOperator, PrecopyDoneOperator, SyncAllOperator, ValidateAllOperator, GoNoGoOperator,
+from orgmover_airflow.operators.move import (CatchUpOperator, CleanupSourceOperator, ReplicateFinalOperator, ReplicateOperator, CopyTableOperator, PrecopyDoneOperator, SyncAllOperator, ValidateAllOperator, GoNoGoOperator,
                                              MaintenanceOnOperator, OrgMoveBaseOperator, PlanOperator,
                                              PreflightOperator, PrepareTargetOperator, ReleaseOperator,
                                              RollbackOperator, SummaryOperator, SwitchoverOperator)
 
-__all__ = ["CleanupSourceOperator", "ReplicateFinalOperator", "ReplicateOperator", "CopyTableOperator", "PrecopyDoneOperator", "SyncAllOperator", "ValidateAllOperator", "GoNoGoOperator", "MaintenanceOnOperator",
+__all__ = ["CatchUpOperator", "CleanupSourceOperator", "ReplicateFinalOperator", "ReplicateOperator", "CopyTableOperator", "PrecopyDoneOperator", "SyncAllOperator", "ValidateAllOperator", "GoNoGoOperator", "MaintenanceOnOperator",
            "OrgMoveBaseOperator", "PlanOperator", "PreflightOperator", "PrepareTargetOperator", "ReleaseOperator",
            "RollbackOperator", "SummaryOperator", "SwitchoverOperator"]

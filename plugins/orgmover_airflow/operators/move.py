@@ -135,6 +135,21 @@ class PrecopyDoneOperator(OrgMoveBaseOperator):
         mover.precopy_done(self.move_context(), self.mid)
 
 
+class CatchUpOperator(OrgMoveBaseOperator):
+    """Right before the write window, the org still writable: syncs what was written since the
+    pre-copy (from the capture slot) and refreshes the validation baseline, pass after pass until a
+    pass is short, so the window only has the last seconds' writes to sync and compare."""
+
+    ui_color = "#fff4d6"
+
+    def __init__(self, *, max_passes: int = 5, settle_seconds: float = 2.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.max_passes, self.settle_seconds = max_passes, settle_seconds
+
+    def run_phase(self, context: Any):
+        return mover.catch_up(self.move_context(), self.mid, self.max_passes, self.settle_seconds)
+
+
 class SyncAllOperator(OrgMoveBaseOperator):
     """The write window in one task: shared rows, every table's changes since the pre-copy (tables in
     parallel), deletions, foreign keys. Returns the tables to validate."""
