@@ -511,29 +511,32 @@ def sync_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, k
     progress = Progress(f"sync {tp.table}", logger=logger)
     cols = ", ".join(qi(c) for c in tp.columns)
     types = key_types(src, tp)
+    kcols = ", ".join(f"t.{qi(c)}::text" for c in tp.key)
     ordered = sorted(keys)
     changed = 0
+    new: list[tuple] = []
     with src.transaction(), dst.transaction():
+        # the keys still the org's and their rows from one snapshot (a catch-up runs while the org is writable)
+        src.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        present: set[tuple] = set()
+        for i in range(0, len(ordered), batch):
+            cond, params = key_filter(tp.key, types, ordered[i:i + batch])
+            present |= {tuple(r) for r in src.execute(tp.picked_sql(cond, kcols), params)}
+        now = sorted(present)
         with dst.cursor() as dcur:
             dcur.execute("SET LOCAL session_replication_role = replica")
-            dcur.execute(f"CREATE TEMP TABLE _om_changed ON COMMIT DROP AS SELECT {cols} FROM {qi(tp.table)} WITH NO DATA")
-            for i in range(0, len(ordered), batch):
-                part = ordered[i:i + batch]
-                cond = bind(src, *key_filter(tp.key, types, part))  # COPY takes no parameters
-                sel = tp.picked_sql(cond, ", ".join("t." + qi(c) for c in tp.columns))
-                changed += stream_rows(src, dcur, sel, f"COPY _om_changed ({cols}) FROM STDIN", progress, transform)
-            # the keys still the org's on the source, as text like the captured ones
-            present = {tuple(r) for r in dcur.execute(f"SELECT {', '.join(f's.{qi(c)}::text' for c in tp.key)} FROM _om_changed s")}
-            # by key array, not a join with the temporary table: it has no statistics, and PostgreSQL would
-            # scan the whole table of the cell to join it
-            cond, params = key_filter(tp.key, types, sorted(present))
-            new: list[tuple] = []
             if entered is not None and present:
                 new = sorted(present - org_keys(dst, tp, present))
                 if new:
                     entered(new)
-            dcur.execute(f"DELETE FROM {qi(tp.table)} t WHERE {cond}", params)
-            dcur.execute(f"INSERT INTO {qi(tp.table)} ({cols}) SELECT {cols} FROM _om_changed")
+            # every present key deleted before any row is written: a unique value that moved between two
+            # of them cannot collide; by key array, which uses the key's index whatever the statistics say
+            parts = [key_filter(tp.key, types, now[i:i + batch]) for i in range(0, len(now), batch)]
+            for cond, params in parts:
+                dcur.execute(f"DELETE FROM {qi(tp.table)} t WHERE {cond}", params)
+            for cond, params in parts:  # the org predicate was checked above: the rows by key
+                sel = f"SELECT {', '.join('t.' + qi(c) for c in tp.columns)} FROM {qi(tp.table)} t WHERE {bind(src, cond, params)}"
+                changed += stream_rows(src, dcur, sel, f"COPY {qi(tp.table)} ({cols}) FROM STDIN", progress, transform)
     absent = sorted(k for k in keys if k not in present)
     (logger or log.info)(f"sync {tp.table}: {len(keys):,} keys written since the pre-copy: {changed:,} rows re-copied, "
                          f"{len(absent):,} gone from the organization on the source")
