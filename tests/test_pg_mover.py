@@ -107,6 +107,37 @@ def test_corrupted_target_row_is_reported_with_its_key_and_rollback(devenv, seed
     assert ctx.tracking.active_for_org(org.id) is None
 
 
+def test_a_dangling_reference_on_the_target_stops_the_window(devenv, seeded, ctx):
+    """The window checks the foreign keys of the rows it wrote: an issue edited on the source whose
+    milestone vanished from the target (deleted behind the mover's back, triggers off) is named
+    with its key and the broken key, and nothing else of the table is blamed; the route stays."""
+    org = seeded["phi"]
+    src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
+    seen = {}
+
+    def break_target(mid):
+        with psycopg.connect(src_dsn) as c:
+            seen["issue"], seen["milestone"] = c.execute(
+                "UPDATE issues SET title = 'edited' WHERE id = (SELECT min(i.id) FROM issues i JOIN namespaces n ON "
+                "n.id = i.namespace_id WHERE n.organization_id = %s AND i.milestone_id IS NOT NULL) "
+                "RETURNING id, milestone_id", (org.id,)).fetchone()
+        with psycopg.connect(dst_dsn) as c:
+            c.execute("SET session_replication_role = replica")
+            c.execute("DELETE FROM milestones WHERE id = %s", (seen["milestone"],))
+
+    with pytest.raises(ValidationFailed) as e:
+        run_move(ctx, org.id, "legacy", "cell-1", before_window=break_target)
+    msg = str(e.value)
+    assert "foreign keys of the organization's rows are broken on the target" in msg
+    assert f"issues.milestone_id -> milestones: rows ({seen['issue']}) reference a missing row" in msg
+    assert msg.count("reference a missing row") == 1  # the issue's other keys resolve
+    assert devenv.topology().route(org.id)["cell"] == "legacy"
+    m = ctx.tracking.latest_for_org(org.id)
+    assert m["state"] == "failed"
+    mover.rollback(ctx, m["id"])
+    assert _org_count(dst_dsn, ISSUES_OF_ORG, org.id) == 0
+
+
 def test_kill_9_mid_chunk_then_resume(devenv, seeded, ctx, tmp_root):
     """A real `orgmover copy-table` process is killed with SIGKILL while it copies; re-running resumes
     at the first chunk not recorded, with no duplicate and no missing row."""

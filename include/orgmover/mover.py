@@ -435,15 +435,13 @@ def _open_capture(ctx: MoveContext, mid: int, src) -> None:
     from orgmover import changes
 
     name = changes.slot_name(mid)
-    opts = dict(ctx.tracking.get(mid).get("options") or {})
     try:
         lsn = changes.create_slot(src, name)
     except changes.CaptureUnavailable as e:
         ctx.log(f"change capture unavailable on the source ({e}); the write window will scan the rows "
                 f"written since the pre-copy instead")
         return
-    opts.update(capture_slot=name, capture_lsn=lsn)
-    ctx.tracking.update(mid, options=opts)
+    ctx.tracking.merge_options(mid, capture_slot=name, capture_lsn=lsn)
     ctx.log(f"change capture: replication slot {name} from {lsn}: rows written from now on are re-copied by key "
             f"in the write window")
 
@@ -490,9 +488,9 @@ def _remove_left_copy(ctx: MoveContext, m: dict, back_id: int) -> None:
     plan = load_plan(ctx, m["id"])
     with ctx.cell(m["target_cell"]).connect() as dst, ctx.cell(m["source_cell"]).connect() as src:
         counts = delete_org_rows(dst, plan, logger=ctx.log, source=src)
-    ctx.tracking.update(m["id"], options={**(m.get("options") or {}), "left_copy_removed": sum(counts.values())})
-    ctx.tracking.update(back_id, source_cleaned_at=datetime.now(timezone.utc),
-                        options={**(back.get("options") or {}), "moved_back_by": m["id"]})
+    ctx.tracking.merge_options(m["id"], left_copy_removed=sum(counts.values()))
+    ctx.tracking.update(back_id, source_cleaned_at=datetime.now(timezone.utc))
+    ctx.tracking.merge_options(back_id, moved_back_by=m["id"])
     ctx.tracking.event(back_id, "info", f"moved back by migration #{m['id']}: the copy on {m['target_cell']} "
                                         f"({sum(counts.values())} rows) was replaced")
     ctx.log(f"moving organization {org} back: removed the {sum(counts.values()):,} rows migration #{back_id} left on "
@@ -683,7 +681,7 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
             f"{sum(r['changed'] for r in results.values()):,} rows written since the {'last sync' if writable else 'pre-copy'}")
     out = sync_deletions(ctx, mid, captured, _checked=(m, catalog_future.result()), writable=writable)
     if captured is not None:  # later syncs start from here
-        _set_options(ctx, mid, capture_synced_lsn=captured.upto)
+        ctx.tracking.merge_options(mid, capture_synced_lsn=captured.upto)
     return out
 
 
@@ -782,11 +780,6 @@ def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_op
     if not drained:
         out.upto = got.upto
     return out
-
-
-def _set_options(ctx: MoveContext, mid: int, **values) -> None:
-    """Merge ``values`` into the migration's options (read again: another step may have set others)."""
-    ctx.tracking.update(mid, options={**(ctx.tracking.get(mid).get("options") or {}), **values})
 
 
 def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | None = None,
@@ -989,7 +982,7 @@ def prevalidate(ctx: MoveContext, mid: int) -> dict:
                 e = encrypted_diff(s, d, plan.tables[t], src_cell.key, dst_cell.key)
                 updates[t]["baseline"]["secrets_equal"] = e.ok
     ctx.tracking.update_tables(mid, updates)
-    _set_options(ctx, mid, baseline_lsn=marks)
+    ctx.tracking.merge_options(mid, baseline_lsn=marks)
     ctx.log(f"baseline checksums of {sum(len(v) for v in src.values())} chunks in {len(org)} tables in "
             f"{time.monotonic() - t0:.2f}s ({differ} chunks differ: written since their copy, re-checked in the window)")
     return {"tables": len(org), "chunks_differ": differ}
@@ -1047,7 +1040,7 @@ def refresh_baseline(ctx: MoveContext, mid: int) -> dict:
         if chunks:
             redo[t] = sorted(chunks)
     if not redo:
-        _set_options(ctx, mid, baseline_lsn=new_marks)
+        ctx.tracking.merge_options(mid, baseline_lsn=new_marks)
         return {"chunks": 0}
     t0 = time.monotonic()
     at = datetime.now(timezone.utc).isoformat()
@@ -1066,7 +1059,7 @@ def refresh_baseline(ctx: MoveContext, mid: int) -> dict:
                 new["secrets_equal"] = encrypted_diff(s, d, plan.tables[t], src_cell.key, dst_cell.key).ok
             updates[t] = {"baseline": {**base, **new}}
     ctx.tracking.update_tables(mid, updates)
-    _set_options(ctx, mid, baseline_lsn=new_marks)  # after the checksums it stands for are recorded
+    ctx.tracking.merge_options(mid, baseline_lsn=new_marks)  # after the checksums it stands for are recorded
     n = sum(len(c) for c in redo.values())
     ctx.log(f"baseline refreshed: {n} chunks in {len(redo)} tables checksummed again in {time.monotonic() - t0:.2f}s "
             f"({differ} differ)")
@@ -1113,7 +1106,7 @@ def _open_target_capture(ctx: MoveContext, mid: int) -> None:
     except changes.CaptureUnavailable as e:
         ctx.log(f"change capture unavailable on the target ({e}); the window's validation will check every chunk")
         return
-    ctx.tracking.update(mid, options={**(m.get("options") or {}), "capture_target_slot": name})
+    ctx.tracking.merge_options(mid, capture_target_slot=name)
 
 
 def _incremental_chunks(plan: Plan, rows: dict, chunking: dict, captured, m: dict) -> dict[str, list[int]]:

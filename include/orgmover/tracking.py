@@ -120,17 +120,21 @@ class Tracking:
 
     def __init__(self, dsn: str):
         self.dsn = dsn
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._idle: list[psycopg.Connection] = []
         self._all: list[psycopg.Connection] = []
 
     @contextmanager
     def conn(self) -> Iterator[psycopg.Connection]:
-        """One transaction on a connection kept open for the life of this object, one per thread
-        (reopened if broken)."""
-        c = getattr(self._local, "conn", None)
+        """One transaction on a connection of this object's own small pool: kept open between calls and
+        shared by threads (a worker thread's first call does not pay for a new connection), one
+        connection per call in flight; a broken one is closed and replaced."""
+        with self._lock:
+            c = self._idle.pop() if self._idle else None
         if c is None or c.closed or c.broken:
-            c = self._local.conn = psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10)
-            self._all.append(c)
+            c = psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10)
+            with self._lock:
+                self._all = [x for x in self._all if not x.closed] + [c]
         try:
             with c.transaction():
                 yield c
@@ -138,13 +142,18 @@ class Tracking:
             c.close()
             raise
         finally:
-            if not c.closed and c.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                c.rollback()
+            if not c.closed:
+                if c.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    c.rollback()
+                with self._lock:
+                    self._idle.append(c)
 
     def close(self) -> None:
-        for c in self._all:
-            c.close()
-        self._all.clear()
+        with self._lock:
+            for c in self._all:
+                c.close()
+            self._all.clear()
+            self._idle.clear()
 
     def ensure_schema(self) -> None:
         with self.conn() as c:
@@ -193,6 +202,12 @@ class Tracking:
         with self.conn() as c:
             return c.execute(f"UPDATE orgmover.migrations SET {sets}, updated_at = now() WHERE id = %(_id)s RETURNING *",
                              params).fetchone()
+
+    def merge_options(self, mid: int, **values: Any) -> None:
+        """Set these keys of the migration's options, leaving the others (one statement: no lost update)."""
+        with self.conn() as c:
+            c.execute("UPDATE orgmover.migrations SET options = coalesce(options, '{}'::jsonb) || %s, updated_at = now() "
+                      "WHERE id = %s", (Jsonb(values), mid))
 
     def transition(self, mid: int, to: str, allowed_from: tuple[str, ...], **fields: Any) -> dict:
         """Compare-and-set of the migration state."""

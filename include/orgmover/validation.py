@@ -18,6 +18,7 @@ extra-on-target rows with sample keys. Memory stays flat; rows are never held.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import psycopg
@@ -176,8 +177,21 @@ def row_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, sa
     """Row-level diff of the org's rows of one table (streamed merge in key order); ``narrow``: only
     the rows of the chunks whose checksums differ (rows outside it matched by chunk checksum and are
     not counted); ``picked``: only the rows of a key filter (the rows written since the baseline)."""
-    return _merge_diff(_keyed_hashes(src, tp, "om_diff_src", source=True, narrow=narrow, picked=picked),
-                       _keyed_hashes(dst, tp, "om_diff_dst", narrow=narrow, picked=picked), samples)
+    a = _keyed_hashes(src, tp, "om_diff_src", source=True, narrow=narrow, picked=picked)
+    b = _keyed_hashes(dst, tp, "om_diff_dst", narrow=narrow, picked=picked)
+    if picked is not None:  # rows by key (held as keys already): both cells read at once
+        a, b = _both(a, b)
+    return _merge_diff(a, b, samples)
+
+
+def _both(a: Iterator, b: Iterator) -> tuple[Iterator, Iterator]:
+    """Both streams read to the end at the same time (each on its own cell's connection)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as ex:
+        other = ex.submit(list, b)
+        first = list(a)
+        return iter(first), iter(other.result())
 
 
 def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, name: str, narrow: str = "true",
@@ -212,8 +226,10 @@ def encrypted_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePl
         return DiffResult()
     if src_key is None or dst_key is None:
         raise SecretError(f"{tp.table} has encrypted columns but a cell key is not configured")
-    return _merge_diff(_plain_digests(src, tp, src_key, "om_enc_src", narrow, picked),
-                       _plain_digests(dst, tp, dst_key, "om_enc_dst", narrow, picked), samples)
+    a, b = _plain_digests(src, tp, src_key, "om_enc_src", narrow, picked), _plain_digests(dst, tp, dst_key, "om_enc_dst", narrow, picked)
+    if picked is not None:
+        a, b = _both(a, b)
+    return _merge_diff(a, b, samples)
 
 
 @dataclass
@@ -252,6 +268,7 @@ def fk_violations(conn: psycopg.Connection, plan: Plan, catalog: Catalog, sample
             continue
         # rows narrowed by key are the org's by construction (written by the window, or pointing at its rows)
         where = tp.where if not only or tp.table not in only else f"({only[tp.table]})"
+        checks, named = [], []
         for fk in catalog[tp.table].foreign_keys:
             parent = plan.tables.get(fk.ref_table)
             if parent is None or parent.strategy == "skip":
@@ -261,12 +278,19 @@ def fk_violations(conn: psycopg.Connection, plan: Plan, catalog: Catalog, sample
             notnull = " AND ".join(f"t.{qi(c)} IS NOT NULL" for c in fk.columns)
             match = " AND ".join(f"p.{qi(rc)} = t.{qi(c)}" for c, rc in zip(fk.columns, fk.ref_columns))
             key = "ROW(" + ", ".join(f"t.{qi(c)}" for c in tp.key) + ")::text"
-            rows = conn.execute(
-                f"SELECT {key} FROM {qi(tp.table)} t WHERE {where} AND {notnull} AND NOT EXISTS "
-                f"(SELECT 1 FROM {qi(fk.ref_table)} p WHERE {match}) LIMIT {samples + 1}").fetchall()
+            checks.append(f"(SELECT {len(checks)} AS fk, {key} AS k FROM {qi(tp.table)} t WHERE {where} AND {notnull} "
+                          f"AND NOT EXISTS (SELECT 1 FROM {qi(fk.ref_table)} p WHERE {match}) LIMIT {samples + 1})")
+            named.append(fk)
+        if not checks:
+            continue
+        found: dict[int, list[str]] = {}
+        for i, k in conn.execute(" UNION ALL ".join(checks)):  # one round trip per table
+            found.setdefault(i, []).append(k)
+        for i, fk in enumerate(named):
+            rows = found.get(i)
             if rows:
                 problems.append(f"{tp.table}.{','.join(fk.columns)} -> {fk.ref_table}: rows "
-                                f"{', '.join(r[0] for r in rows[:samples])}{' and more' if len(rows) > samples else ''} "
+                                f"{', '.join(rows[:samples])}{' and more' if len(rows) > samples else ''} "
                                 f"reference a missing row")
     return problems
 
