@@ -30,6 +30,7 @@ from orgmover.objects import (
     artifact_path,
     fingerprint,
     free_port,
+    free_ports,
     lfs_path,
     list_infos,
     object_checksum,
@@ -46,8 +47,8 @@ _names = itertools.count()
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("objects")
-    s = {"s3a": LocalS3(root / "s3a", free_port()), "s3b": LocalS3(root / "s3b", free_port()),
-         "gcs": LocalGCS(root / "gcs", free_port())}
+    p = free_ports(3)
+    s = {"s3a": LocalS3(root / "s3a", p[0]), "s3b": LocalS3(root / "s3b", p[1]), "gcs": LocalGCS(root / "gcs", p[2])}
     try:
         for srv in s.values():
             srv.start()

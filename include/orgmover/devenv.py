@@ -27,7 +27,7 @@ from pathlib import Path
 from orgmover import gitlab
 from orgmover.cells import Cell, conn_id_for, key_conn_id_for
 from orgmover.errors import ConfigError
-from orgmover.localpg import PgCluster, free_port
+from orgmover.localpg import PgCluster, free_ports
 from orgmover.localpg import pid_alive as _alive
 
 CELL_DB = "gitlabhq_production"
@@ -70,14 +70,15 @@ class DevEnv:
         tmp.replace(self.state_file)
 
     def _new_state(self, ncells: int) -> dict:
+        ports = iter(free_ports(4 + 2 * ncells))  # distinct: two services never race for one port
         return {
-            "control": {"port": free_port()},
-            "cells": [{"name": CELL_NAMES[i], "id": i, "port": free_port(),
+            "control": {"port": next(ports)},
+            "cells": [{"name": CELL_NAMES[i], "id": i, "port": next(ports),
                        "db_key_base": pysecrets.token_hex(32)} for i in range(ncells)],
-            "topology": {"port": free_port(), "token": pysecrets.token_urlsafe(24), "pid": None},
-            "s3": {"port": free_port()},
-            "gcs": {"port": free_port()},
-            "registries": {CELL_NAMES[i]: free_port() for i in range(ncells)},
+            "topology": {"port": next(ports), "token": pysecrets.token_urlsafe(24), "pid": None},
+            "s3": {"port": next(ports)},
+            "gcs": {"port": next(ports)},
+            "registries": {CELL_NAMES[i]: next(ports) for i in range(ncells)},
         }
 
     def cluster(self, name: str, port: int) -> PgCluster:

@@ -52,7 +52,6 @@ import queue
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -66,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from orgmover.errors import OrgMoverError
+from orgmover.localpg import free_port, free_ports  # noqa: F401 - free_port: for callers starting servers
 from orgmover.localpg import pid_alive as _alive
 
 MiB = 1024 * 1024
@@ -1545,10 +1545,6 @@ def seed_objects(store: ObjectStore, rng: random.Random, keys_and_sizes: Iterabl
 
 
 # ---------------------------------------------------------------------------------------------- local servers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 

@@ -31,7 +31,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import threading
@@ -44,6 +43,7 @@ from pathlib import Path
 import httpx
 
 from orgmover.errors import ConfigError, OrgMoverError
+from orgmover.localpg import free_port  # noqa: F401 - exported (__all__)
 
 __all__ = [
     "DOCKER_MANIFEST", "DOCKER_MANIFEST_LIST", "OCI_INDEX", "OCI_MANIFEST", "MANIFEST_MEDIA_TYPES",
@@ -134,10 +134,6 @@ def registry_binary() -> Path:
         "`registry` binary on PATH, or set ORGMOVER_REGISTRY_BIN to its path")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalRegistry:
