@@ -134,3 +134,14 @@ def test_dag_params_are_validated(org_move_dag):
 
     with pytest.raises(ParamValidationError):
         org_move_dag.test(run_conf={"organization_id": 0, "source_cell": "legacy", "target_cell": "cell-1"})
+
+
+def test_a_mapping_that_sends_two_storages_to_one_is_not_inverted():
+    """Moving back inverts the first move's mappings; one that merged two storages into one cannot say
+    where each repository came from, so preflight asks for a mapping instead of guessing (the pure
+    function: the rest of that path is tests/test_pg_mover.py's move back)."""
+    inverted, problem = mover._inverted_maps({"shards": {"nfs-01": "default", "nfs-02": "storage-2"}})
+    assert problem is None and inverted == {"shards": {"default": "nfs-01", "storage-2": "nfs-02"}}
+    inverted, problem = mover._inverted_maps({"shards": {"nfs-01": "default", "nfs-02": "default"}})
+    assert inverted == {}
+    assert problem == "the mapping of shards sends 'nfs-01' and 'nfs-02' to 'default', so it cannot be inverted"

@@ -4,11 +4,13 @@ Every row written on the source after the slot is created is in the slot's chang
 write window the mover re-copies exactly the rows that changed (by primary key) instead of scanning
 the organization's rows (Vitess MoveTables and Ghostferry do the same with the binlog; pgcopydb with
 a slot). The slot uses the ``test_decoding`` output plugin that ships with PostgreSQL (also on RDS
-and Cloud SQL), read with ``pg_logical_slot_peek_changes``: reading does not consume, so a retried
-window task sees the same changes. The slot is dropped when the migration completes, is released
-or rolled back, since a slot keeps the source's WAL. Without the slot (dropped, invalidated, or a
-cell without ``wal_level=logical``) the mover falls back to scanning rows written since the
-pre-copy's transaction horizon (``pgcopy.sync_changed_rows``): slower, equally correct.
+and Cloud SQL), read with ``pg_logical_slot_peek_changes``: reading does not consume. The caller
+records what a read found and then confirms the slot up to it (:func:`advance`), so a task killed in
+between reads the same changes again, and the next read starts where this one stopped. The slot is
+dropped when the migration completes, is released or rolled back, since a slot keeps the cell's
+WAL. Without the slot (dropped, invalidated, or a cell without ``wal_level=logical``) the mover falls
+back to scanning rows written since the pre-copy's transaction horizon (``pgcopy.sync_changed_rows``):
+slower, equally correct.
 
 Only keys are kept, per table, in memory: the window re-reads the current rows from the source. A
 table whose changes cannot be keyed (TRUNCATE, or deletes without key data because the table has
