@@ -210,6 +210,36 @@ def test_catch_up_syncs_while_writable_and_the_window_has_only_what_came_after(d
     assert check_move(seen_src, snapshot(src_dsn, legacy_key), dst_before, snapshot(dst_dsn, cell1_key), expected) == []
 
 
+def test_a_target_row_changed_before_the_catch_up_is_still_found_in_the_window(devenv, seeded, ctx):
+    """The catch-up moves the baseline forward; a row changed on the target behind the mover's back
+    before it is in the target's slot, so its chunk is checksummed again (and differs) rather than
+    being taken into the new baseline as equal: the window finds it, with its key."""
+    org = seeded["chi"]
+    dst_dsn = devenv.resolve_cell("cell-1").dsn
+    mid = mover.preflight(ctx, org.id, "legacy", "cell-1", "catch-up-rot")
+    try:
+        mover.copy_tables(ctx, mid, (mover.make_plan(ctx, mid), mover.prepare_target(ctx, mid))[0])
+        mover.precopy_done(ctx, mid)
+        with psycopg.connect(dst_dsn) as c:
+            bad = c.execute("UPDATE merge_requests SET title = 'bit rot' WHERE id = (SELECT min(m.id) FROM merge_requests m "
+                            "JOIN projects p ON p.id = m.target_project_id WHERE p.organization_id = %s) RETURNING id",
+                            (org.id,)).fetchone()[0]
+        assert mover.catch_up(ctx, mid)["passes"][0]["chunks_rechecked"] >= 1
+        base = ctx.tracking.table(mid, "merge_requests")["baseline"]
+        assert base["src"] != base["dst"]  # the new baseline knows that chunk differs
+        mover.maintenance_on(ctx, mid)
+        mover.sync_all(ctx, mid)
+        with pytest.raises(ValidationFailed, match="1 tables differ between cells: merge_requests"):
+            mover.validate_all(ctx, mid)
+            mover.go_no_go(ctx, mid)
+        diff = ctx.tracking.table(mid, "merge_requests")["validation_detail"]["diff"]
+        assert diff["mismatched"] == 1 and diff["samples"]["mismatched"] == [f"({bad})"]
+    finally:
+        mover.release(ctx, mid)
+    assert devenv.topology().route(org.id)["cell"] == "legacy"
+    mover.rollback(ctx, mid)
+
+
 def test_window_validation_uses_the_baseline_and_still_catches_any_write(devenv, seeded, ctx):
     """After the pre-copy both cells' chunks are checksummed (the baseline) and a slot opens on the
     target too. In the window only rows written since, on either cell, are compared (row by row):

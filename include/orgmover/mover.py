@@ -1028,15 +1028,13 @@ def refresh_baseline(ctx: MoveContext, mid: int) -> dict:
     for t in based:
         tp, base = plan.tables[t], rows[t]["baseline"]
         keys = written.of(t)
-        if t in written.rescan or (keys and tp.strategy == "shared"):
-            continue  # checked in full in the window anyway
         column, lows = chunking[t]
         chunks = {int(k) for k in set(base["src"]) | set(base["dst"]) if base["src"].get(k) != base["dst"].get(k)}
-        if keys and column in tp.key and lows:
+        if t in written.rescan or (keys and (tp.strategy == "shared" or column not in tp.key or not lows)):
+            chunks |= set(range(len(lows) + 1))  # written where no key tells the chunk: all of them
+        elif keys:
             i = tp.key.index(column)
             chunks |= {bisect_right(lows, int(k[i])) for k in keys}
-        elif keys:
-            chunks |= set(range(len(lows) + 1))
         if chunks:
             redo[t] = sorted(chunks)
     if not redo:
