@@ -1170,7 +1170,18 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
                 captured.keys.setdefault(t, set()).update(keys)
             captured.rescan.update(on_target.rescan)
             only = _incremental_chunks(plan, rows, chunking, captured, m)
+    # secrets compared decrypted over whole tables (no baseline to lean on): in Python, so meanwhile
+    secret_tables = [t for t in todo if plan.tables[t].encrypted and not (t in only and rows[t]["baseline"].get("secrets_equal"))]
+
+    def whole_secrets() -> dict[str, dict]:
+        with src_cell.connect() as s, dst_cell.connect() as d:
+            return {t: encrypted_diff(s, d, plan.tables[t], src_cell.key, dst_cell.key).to_dict() for t in secret_tables}
+
+    secrets_pool = ThreadPoolExecutor(1)
+    secrets_future = secrets_pool.submit(whole_secrets) if secret_tables else None
+    secrets_pool.shutdown(wait=False)
     src_sums, dst_sums = _chunk_sums_both(src_cell, dst_cell, plan, summed, chunking, only)
+    whole = secrets_future.result() if secrets_future is not None else {}
     for t, chunks in only.items():  # the chunks not re-checked keep their baseline checksums
         base = rows[t]["baseline"]
         for sums, side in ((src_sums, "src"), (dst_sums, "dst")):
@@ -1210,11 +1221,10 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
             written = None
             if t in written_rows:  # the rows written since the baseline, on either cell
                 written, res.written = written_rows[t]
-            if tp.encrypted:  # secrets of rows unchanged since a baseline where they were equal stand too
-                incremental = t in only and rows[t]["baseline"].get("secrets_equal")
-                if not incremental or written:
-                    res.encrypted = encrypted_diff(s, d, tp, src_cell.key, dst_cell.key,
-                                                   picked=written if incremental else None).to_dict()
+            if t in whole:
+                res.encrypted = whole[t]
+            elif tp.encrypted and written:  # secrets of rows unchanged since a baseline where they were equal stand
+                res.encrypted = encrypted_diff(s, d, tp, src_cell.key, dst_cell.key, picked=written).to_dict()
             if (sn, ss) != (dn, ds) and t not in lookups:
                 # the row diff reads only the chunks whose checksums differ
                 sc, dc = src_sums[t], dst_sums[t]

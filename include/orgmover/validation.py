@@ -177,21 +177,59 @@ def row_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, sa
     """Row-level diff of the org's rows of one table (streamed merge in key order); ``narrow``: only
     the rows of the chunks whose checksums differ (rows outside it matched by chunk checksum and are
     not counted); ``picked``: only the rows of a key filter (the rows written since the baseline)."""
-    a = _keyed_hashes(src, tp, "om_diff_src", source=True, narrow=narrow, picked=picked)
-    b = _keyed_hashes(dst, tp, "om_diff_dst", narrow=narrow, picked=picked)
-    if picked is not None:  # rows by key (held as keys already): both cells read at once
-        a, b = _both(a, b)
-    return _merge_diff(a, b, samples)
+    return _merge_diff(_keyed_hashes(src, tp, "om_diff_src", source=True, narrow=narrow, picked=picked),
+                       _aside(_keyed_hashes(dst, tp, "om_diff_dst", narrow=narrow, picked=picked)), samples)
 
 
-def _both(a: Iterator, b: Iterator) -> tuple[Iterator, Iterator]:
-    """Both streams read to the end at the same time (each on its own cell's connection)."""
-    from concurrent.futures import ThreadPoolExecutor
+class _Raised:
+    def __init__(self, error: BaseException):
+        self.error = error
 
-    with ThreadPoolExecutor(1) as ex:
-        other = ex.submit(list, b)
-        first = list(a)
-        return iter(first), iter(other.result())
+
+def _aside(it: Iterator, depth: int = 10_000) -> Iterator:
+    """``it`` read by a thread of its own, handed over through a bounded queue: the other cell's query
+    runs at the same time as this one's (a diff reads both cells), memory stays bounded by ``depth``."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(depth)
+    stop, end = threading.Event(), object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for x in it:
+                if not put(x):
+                    return
+            put(end)
+        except BaseException as e:  # noqa: BLE001 - handed to the reader
+            put(_Raised(e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # its transaction ends in the thread that opened it
+
+    worker = threading.Thread(target=run, name="om-diff-aside", daemon=True)
+    worker.start()
+    try:
+        while True:
+            x = q.get()
+            if x is end:
+                return
+            if isinstance(x, _Raised):
+                raise x.error
+            yield x
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, name: str, narrow: str = "true",
@@ -226,10 +264,8 @@ def encrypted_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePl
         return DiffResult()
     if src_key is None or dst_key is None:
         raise SecretError(f"{tp.table} has encrypted columns but a cell key is not configured")
-    a, b = _plain_digests(src, tp, src_key, "om_enc_src", narrow, picked), _plain_digests(dst, tp, dst_key, "om_enc_dst", narrow, picked)
-    if picked is not None:
-        a, b = _both(a, b)
-    return _merge_diff(a, b, samples)
+    return _merge_diff(_plain_digests(src, tp, src_key, "om_enc_src", narrow, picked),
+                       _aside(_plain_digests(dst, tp, dst_key, "om_enc_dst", narrow, picked)), samples)
 
 
 @dataclass
