@@ -310,14 +310,17 @@ def _rows_of_project(c, project_id: int, pns: int) -> dict[str, list]:
     return out
 
 
-def test_rows_follow_a_parent_that_joins_or_leaves_the_org_in_the_copy_phase(devenv, seeded, ctx, monkeypatch):
+@pytest.mark.parametrize("org_name, slot", [("rho", "kept"), ("psi", "lost")])
+def test_rows_follow_a_parent_that_joins_or_leaves_the_org_in_the_copy_phase(devenv, seeded, ctx, monkeypatch, org_name, slot):
     """While the org is writable, one project is transferred into it from another organization and one
     out of it. Only the projects and their project namespaces are written; everything under them
     (issues, their notes, labels, label links, merge requests, pipelines' builds) changes organization
     with them. The window copies what joined and deletes what left; the validation, checking every
-    chunk of every table here, finds both cells equal."""
+    chunk of every table here, finds both cells equal. With the capture slot (joined rows followed
+    from their parents' keys) and without it (the fallback scan: found where the org's row counts per
+    chunk differ between the cells)."""
     monkeypatch.setenv("ORGMOVER_FULL_VALIDATION", "1")
-    org, other = seeded["rho"], seeded["sigma"]
+    org, other = seeded[org_name], seeded["sigma"]
     src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
     seen = {}
     busiest = ("SELECT p.id FROM projects p JOIN issues i ON i.project_id = p.id WHERE p.organization_id = %s "
@@ -329,6 +332,9 @@ def test_rows_follow_a_parent_that_joins_or_leaves_the_org_in_the_copy_phase(dev
             leaving = c.execute(busiest, (org.id,)).fetchone()[0]
             seen["joining"] = (joining, _transfer_project(c, joining, org.id))
             seen["leaving"] = (leaving, _transfer_project(c, leaving, other.id))
+        if slot == "lost":
+            with psycopg.connect(src_dsn, autocommit=True) as c:
+                changes.drop_slot(c, changes.slot_name(mid))
         with psycopg.connect(dst_dsn) as c:  # the leaving project was pre-copied, the joining one was not
             assert _rows_of_project(c, *seen["leaving"])["issues"]
             assert not _rows_of_project(c, *seen["joining"])["projects"]
@@ -344,6 +350,8 @@ def test_rows_follow_a_parent_that_joins_or_leaves_the_org_in_the_copy_phase(dev
     detail = {t["table_name"]: t["sync_detail"] for t in ctx.tracking.tables(mid) if t["sync_detail"]}
     # the issues not unlinked from a group milestone were not written: they followed their project namespace
     assert 0 < detail["issues"]["joined_with_parent"] <= len(joined_src["issues"])
-    assert detail["issues"]["joined_with_parent"] + detail["issues"]["keys"] >= len(joined_src["issues"])
+    written = detail["issues"]["keys"] if slot == "kept" else detail["issues"]["changed"]
+    assert detail["issues"]["joined_with_parent"] + written >= len(joined_src["issues"])
+    assert {d["mode"] for d in detail.values()} == ({"captured"} if slot == "kept" else {"scan"})
     assert all(t["validation_detail"].get("incremental") is None for t in ctx.tracking.tables(mid)
                if t["validation_detail"])  # checked in full: every chunk, not only the rows written

@@ -800,15 +800,27 @@ def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | 
         raise StateError(f"tables not synced in this maintenance window: {', '.join(sorted(stale))}")
     todo = []
     for t, r in sorted(rows.items()):
-        chunks = (r["sync_detail"] or {}).get("chunks_with_deletions") or []
+        chunks = (r["sync_detail"] or {}).get("chunks_to_reconcile") or []
         if r["strategy"] == "org" and chunks:
             column, bounds = _chunking(ctx, mid, t)
             todo.append((plan.tables[t], column, bounds, chunks))
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    joined: dict[str, int] = {}
     with dst_cell.connect() as dst:
         if todo:
             with src_cell.connect() as src:
-                apply_deletions(src, dst, plan, todo, logger=ctx.log)
+                _, lacking = apply_deletions(src, dst, plan, todo, logger=ctx.log)
+                # rows the scan cannot see: the org's now on the source though not written (they joined with
+                # a parent, e.g. the issues of a project transferred into the org), found where counts differ
+                for t, keys in sorted(lacking.items()):
+                    tp = plan.tables[t]
+                    joined[t] = sync_keys(src, dst, tp, set(keys), _transformer(src, dst, plan, tp, src_cell, dst_cell),
+                                          logger=ctx.log)["changed"]
+            if joined:
+                ctx.log("rows that joined the organization with a parent since the pre-copy, copied: "
+                        + ", ".join(f"{t} {n:,}" for t, n in sorted(joined.items())))
+                ctx.tracking.update_tables(mid, {t: {"sync_detail": {**(rows[t]["sync_detail"] or {}), "joined_with_parent": n}}
+                                                 for t, n in joined.items()})
         by_key = [(plan.tables[t], key_types(dst, plan.tables[t]), [tuple(k) for k in r["sync_detail"]["absent_keys"]])
                   for t, r in sorted(rows.items()) if r["strategy"] == "org" and (r["sync_detail"] or {}).get("absent_keys")]
         leaving: dict[str, set[tuple]] = {}
@@ -829,7 +841,7 @@ def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | 
         # the pre-copy's foreign keys were checked before the window; here only what the window touched:
         # tables with rows written or deleted, and tables referencing a table with deletions
         deleted = {tp.table for tp, *_ in todo} | {t for t, n in gone.items() if n}
-        changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | deleted
+        changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | deleted | set(joined)
         if since_copy is not None:
             changed |= {t for t, keys in since_copy.keys.items() if keys and plan.tables[t].strategy == "org"}
         catalog = catalog or read_foreign_keys(dst)

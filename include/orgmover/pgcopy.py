@@ -391,8 +391,10 @@ def sync_changed_rows(src: psycopg.Connection, dst: psycopg.Connection, plan: Pl
 
     One counting scan of the org's rows per cell (in parallel when ``dst_counts_conn`` is given): on the
     source per chunk the rows and the rows written since ``xmin``; on the target per chunk the rows.
-    Only chunks with written rows are read again. Deletions are applied by :func:`apply_deletions`
-    once every table is synced (the org predicate on the target must still see their parents)."""
+    Only chunks with written rows are read again. Then :func:`apply_deletions`, once every table is
+    synced (the org predicate on the target must still see their parents), compares the org's keys
+    of every chunk: rows no longer the org's on the source are deleted, rows that became the org's
+    without being written are returned to copy."""
     progress = Progress(f"sync {tp.table}", logger=logger)
     cols = ", ".join(qi(c) for c in tp.columns)
     match = " AND ".join(f"t.{qi(c)} = s.{qi(c)}" for c in tp.key)
@@ -432,10 +434,13 @@ def sync_changed_rows(src: psycopg.Connection, dst: psycopg.Connection, plan: Pl
     dst_after = {k: dst_counts.get(k, 0) + new_by_bucket.get(k, 0) for k in set(dst_counts) | set(new_by_bucket)}
     src_counts = {k: n for k, (n, _) in src_stats.items()}
     differ = sorted(k for k in set(src_counts) | set(dst_after) if src_counts.get(k, 0) != dst_after.get(k, 0))
-    if changed or differ:
-        (logger or log.info)(f"sync {tp.table}: {changed:,} rows written since the pre-copy re-copied; "
-                             f"{len(differ)} chunks with deleted rows")
-    return {"changed": changed, "chunks_with_deletions": differ,
+    (logger or log.info)(f"sync {tp.table}: {changed:,} rows written since the pre-copy re-copied; "
+                         f"{len(differ)} chunks where the org's row counts differ")
+    # every chunk's keys are compared by apply_deletions, not only those whose counts differ: rows that
+    # joined the org with a parent were not written (the scan does not see them), and a chunk where as
+    # many rows joined as left or were deleted counts the same on both cells
+    return {"changed": changed, "chunks_to_reconcile": sorted(set(src_counts) | set(dst_after)),
+            "chunks_counts_differ": len(differ),
             "extra_on_target": sum(dst_after.get(k, 0) - src_counts.get(k, 0) for k in differ)}
 
 
@@ -452,14 +457,17 @@ def _delete_staged(dcur: psycopg.Cursor, tables: list[TablePlan]) -> dict[str, i
 
 def apply_deletions(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan,
                     todo: list[tuple[TablePlan, str | None, list[int], list[int]]],
-                    logger: Callable[[str], None] | None = None) -> dict[str, int]:
-    """Delete from the target the org's rows that no longer exist on the source, in the chunks
-    ``todo`` names (table plan, chunk column, bounds, chunk numbers). Every table's rows to delete
-    are computed first (the org predicate on the target still sees their parents), then deleted,
-    in one transaction."""
+                    logger: Callable[[str], None] | None = None) -> tuple[dict[str, int], dict[str, list[tuple]]]:
+    """Delete from the target the org's rows that are no longer the org's on the source, in the
+    chunks ``todo`` names (table plan, chunk column, bounds, chunk numbers). Every table's rows to
+    delete are computed first (the org predicate on the target still sees their parents), then
+    deleted, in one transaction. Returns the rows deleted per table, and per table the keys (as
+    text) the org has on the source but not on the target in those chunks: rows that joined the
+    org with a parent without being written themselves (to copy by key: :func:`sync_keys`)."""
     counts: dict[str, int] = {}
+    missing: dict[str, list[tuple]] = {}
     if not todo:
-        return counts
+        return counts, missing
     with dst.transaction():
         with dst.cursor() as dcur:
             dcur.execute("SET LOCAL session_replication_role = replica")
@@ -470,11 +478,15 @@ def apply_deletions(src: psycopg.Connection, dst: psycopg.Connection, plan: Plan
                 match = " AND ".join(f"t.{qi(c)} = k.{qi(c)}" for c in tp.key)
                 dcur.execute(f"CREATE TEMP TABLE _om_gone_{i} ON COMMIT DROP AS SELECT {keys} FROM {qi(tp.table)} t "
                              f"WHERE ({tp.where}) AND {in_chunks} AND NOT EXISTS (SELECT 1 FROM _om_src_{i} k WHERE {match})")
+                lacking = dcur.execute(f"SELECT {', '.join(f'k.{qi(c)}::text' for c in tp.key)} FROM _om_src_{i} k WHERE "
+                                       f"NOT EXISTS (SELECT 1 FROM {qi(tp.table)} t WHERE ({tp.where}) AND {match})").fetchall()
+                if lacking:
+                    missing[tp.table] = [tuple(r) for r in lacking]
             counts = _delete_staged(dcur, [tp for tp, *_ in todo])
     src.commit()
     (logger or log.info)(f"deleted on the target {sum(counts.values()):,} rows deleted on the source since the pre-copy: "
                          + ", ".join(f"{t} {n}" for t, n in counts.items() if n))
-    return counts
+    return counts, missing
 
 
 # ---------------------------------------------------------------------------- sync by captured keys
