@@ -102,11 +102,10 @@ with DAG(
         catch >> maintenance
 
     # the write window: as few tasks as possible (per-task overhead is writes blocked for nothing); each
-    # task parallelises inside and logs per table
-    with TaskGroup("sync", tooltip="in the write window: only what changed since the pre-copy") as g_sync:
+    # task parallelises inside and logs per table. Rows and storage are independent: both at once
+    with TaskGroup("sync", tooltip="in the write window: only what changed since the last sync") as g_sync:
         sync = SyncAllOperator(task_id="sync_changes", migration_id=MID)
         storage_final = ReplicateFinalOperator(task_id="storage_final_pass", migration_id=MID)
-        sync >> storage_final
 
     with TaskGroup("validate", tooltip="counts and checksums on both cells") as g_validate:
         validate = ValidateAllOperator(task_id="checksums", migration_id=MID, full="{{ params.full_validation }}")
@@ -134,7 +133,7 @@ with DAG(
     is_move >> plan >> prepare
     precopied >> scan
     replicated >> catch
-    maintenance >> sync
-    storage_final >> validate
+    maintenance >> [sync, storage_final]
+    [sync, storage_final] >> validate
     go >> gate
     summary >> release

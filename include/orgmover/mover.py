@@ -577,14 +577,15 @@ def sync_shared(ctx: MoveContext, mid: int) -> None:
     copy_shared_rows(ctx, mid, in_window=True)
 
 
-def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = False) -> list[str]:
+def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = False) -> list[str] | None:
     """The write window's work in one task: shared rows, every table's changes since the pre-copy
     (tables in parallel, each worker with its own connections), deletions, foreign keys. Returns the
     tables to validate. One task instead of one per table: in the window, per-task overhead is writes
     blocked for nothing.
 
     ``writable``: the same while the org is still writable (:func:`catch_up`): only the changes since
-    the last sync, no foreign-key check (a row may arrive before its parent; the window checks)."""
+    the last sync, no foreign-key check (a row may arrive before its parent; the window checks);
+    returns None when there is no usable capture slot (nothing was done)."""
     import queue
 
     m = ctx.tracking.get(mid)
@@ -612,7 +613,7 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
     captured = _captured_changes(ctx, m, src_cell, plan, after=(m.get("options") or {}).get("capture_synced_lsn"))
     if writable and captured is None:
         ctx.log("no change capture: nothing to catch up; the write window scans the rows written since the pre-copy")
-        return []
+        return None
     if _needs_shared_sync(plan, captured):
         copy_shared_rows(ctx, mid, in_window=not writable, phase="catch_up" if writable else "sync")
     else:  # a new reference to a shared row not on the target yet shows in the foreign-key check, which syncs them then
@@ -1086,10 +1087,8 @@ def catch_up(ctx: MoveContext, mid: int, max_passes: int = 5, settle_seconds: fl
     passes = []
     for i in range(max(1, max_passes)):
         t0 = time.monotonic()
-        if not (ctx.tracking.get(mid).get("options") or {}).get("capture_slot"):
-            ctx.log("no change capture slot: nothing to catch up (the window scans the rows written since the pre-copy)")
+        if sync_all(ctx, mid, writable=True) is None:  # no usable capture slot: the window scans instead
             break
-        sync_all(ctx, mid, writable=True)
         rows = sum((t.get("sync_detail") or {}).get("changed", 0) for t in ctx.tracking.tables(mid) if t["strategy"] == "org")
         base = refresh_baseline(ctx, mid)
         took = time.monotonic() - t0
@@ -1099,7 +1098,8 @@ def catch_up(ctx: MoveContext, mid: int, max_passes: int = 5, settle_seconds: fl
         if took < settle_seconds:
             break
     ctx.tracking.event(mid, "info", f"caught up in {len(passes)} passes: "
-                                    + ", ".join(f"{p['rows']:,} rows in {p['seconds']:.2f}s" for p in passes))
+                                    + ", ".join(f"{p['rows']:,} rows in {p['seconds']:.2f}s" for p in passes) if passes
+                       else "catch-up skipped: no usable change-capture slot (the window scans instead)")
     return {"passes": passes}
 
 
