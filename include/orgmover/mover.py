@@ -508,15 +508,13 @@ def copy_table(ctx: MoveContext, mid: int, table: str, _shared: tuple | None = N
         raise StateError(f"{table} is not an org table of migration #{mid}")
     if m["precopy_xmin"] is None:
         raise StateError(f"migration #{mid}: shared rows not copied yet (run prepare_target first)")
-    chunks = ctx.tracking.chunks(mid, table)
-    column = ctx.tracking.table(mid, table)["chunk_column"]
+    column, chunks = ctx.tracking.copy_state(mid, table)
     todo = [c for c in chunks if c["state"] != "copied"]
     if not todo:
         done = sum(c["rows"] for c in chunks)
         ctx.log(f"{table}: all {len(chunks)} chunks already copied ({done:,} rows)")
         return {"table": table, "rows": done, "skipped": True}
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
-    ctx.tracking.update_table(mid, table, state="copying", error=None)
     progress = Progress(f"copy {table}", tp.est_rows, tp.est_bytes, logger=ctx.log)
     t0 = time.monotonic()
     if len(todo) < len(chunks):
@@ -530,18 +528,21 @@ def copy_table(ctx: MoveContext, mid: int, table: str, _shared: tuple | None = N
             else:
                 src, dst = connections()
             transform = _transformer(src, dst, plan, tp, src_cell, dst_cell)
-            for c in todo:
-                ctx.tracking.update_chunk(mid, table, c["chunk_no"], state="copying", attempts=c["attempts"] + 1)
+            for i, c in enumerate(todo):
+                # the table's own state in the same transaction as its first and its last chunk's
+                ctx.tracking.update_chunk(mid, table, c["chunk_no"], state="copying", attempts=c["attempts"] + 1,
+                                          table_fields={"state": "copying", "error": None} if i == 0 else None)
                 before = progress.bytes
                 n = copy_chunk(src, dst, plan, tp, column, c["lo"], c["hi"], transform, progress,
                                fresh=c["attempts"] == 0 and c["state"] == "pending")
-                ctx.tracking.update_chunk(mid, table, c["chunk_no"], state="copied", rows=n, bytes=progress.bytes - before)
                 rows, nbytes = rows + n, nbytes + progress.bytes - before
+                done = {"state": "copied", "rows_copied": rows, "bytes_copied": nbytes,
+                        "copy_seconds": time.monotonic() - t0} if i == len(todo) - 1 else None
+                ctx.tracking.update_chunk(mid, table, c["chunk_no"], state="copied", rows=n, bytes=progress.bytes - before,
+                                          table_fields=done)
     except Exception as e:
         ctx.tracking.update_table(mid, table, state="failed", error=str(e)[:2000])
         raise
-    ctx.tracking.update_table(mid, table, state="copied", rows_copied=rows, bytes_copied=nbytes,
-                              copy_seconds=time.monotonic() - t0)
     ctx.log(progress.line(final=True) + f" in {len(todo)} chunks")
     return {"table": table, "rows": rows, "bytes": nbytes}
 

@@ -267,12 +267,16 @@ class Tracking:
             return c.execute("SELECT * FROM orgmover.tables WHERE migration_id = %s ORDER BY table_name", (mid,)).fetchall()
 
     def update_table(self, mid: int, name: str, **fields: Any) -> None:
+        with self.conn() as c:
+            self._update_table(c, mid, name, fields)
+
+    @staticmethod
+    def _update_table(c: psycopg.Connection, mid: int, name: str, fields: dict[str, Any]) -> None:
         sets = ", ".join(f"{k} = %({k})s" for k in fields)
         params = {k: (Jsonb(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
         params.update(_m=mid, _t=name)
-        with self.conn() as c:
-            c.execute(f"UPDATE orgmover.tables SET {sets}, updated_at = now() WHERE migration_id = %(_m)s AND table_name = %(_t)s",
-                      params)
+        c.execute(f"UPDATE orgmover.tables SET {sets}, updated_at = now() WHERE migration_id = %(_m)s AND table_name = %(_t)s",
+                  params)
 
     def update_tables(self, mid: int, fields_by_table: dict[str, dict[str, Any]]) -> None:
         """Several tables' fields in one transaction."""
@@ -354,11 +358,26 @@ class Tracking:
                 out.setdefault(r["table_name"], []).append(r["lo"])
         return out
 
-    def update_chunk(self, mid: int, table: str, no: int, **fields: Any) -> None:
+    def copy_state(self, mid: int, table: str) -> tuple[str | None, list[dict]]:
+        """A table's chunk column and its chunks in order, in one transaction."""
+        with self.conn() as c:
+            row = c.execute("SELECT chunk_column FROM orgmover.tables WHERE migration_id = %s AND table_name = %s",
+                            (mid, table)).fetchone()
+            if row is None:
+                raise StateError(f"migration {mid} has no table {table} in its plan")
+            chunks = c.execute("SELECT * FROM orgmover.chunks WHERE migration_id = %s AND table_name = %s ORDER BY chunk_no",
+                               (mid, table)).fetchall()
+        return row["chunk_column"], chunks
+
+    def update_chunk(self, mid: int, table: str, no: int, table_fields: dict[str, Any] | None = None, **fields: Any) -> None:
+        """Update one chunk, and with ``table_fields`` its table, in one transaction (a table recorded as
+        copied with its last chunk, never one without the other)."""
         sets = ", ".join(f"{k} = %({k})s" for k in fields)
         with self.conn() as c:
             c.execute(f"UPDATE orgmover.chunks SET {sets}, updated_at = now() WHERE migration_id = %(_m)s "
                       f"AND table_name = %(_t)s AND chunk_no = %(_n)s", {**fields, "_m": mid, "_t": table, "_n": no})
+            if table_fields:
+                self._update_table(c, mid, table, table_fields)
 
     def reset_tables(self, mid: int) -> None:
         with self.conn() as c:
