@@ -37,13 +37,13 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from orgmover.localpg import free_port
 from orgmover.objects import (
     PART_SIZE,
     MiB,
     LocalS3,
     S3Store,
     artifact_path,
-    free_port,
     lfs_path,
     package_path,
     seed_objects,

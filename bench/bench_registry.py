@@ -28,11 +28,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from orgmover.localpg import free_port
 from orgmover.registry import (
     LocalRegistry,
     RegistryClient,
     container_repository_path,
-    free_port,
     make_layer,
     push_image,
     push_index,

@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from orgmover.localpg import free_port, free_ports
 from orgmover.objects import (
     MiB,
     PART_SIZE,
@@ -29,8 +30,6 @@ from orgmover.objects import (
     S3Store,
     artifact_path,
     fingerprint,
-    free_port,
-    free_ports,
     lfs_path,
     list_infos,
     object_checksum,

@@ -21,13 +21,13 @@ import pytest
 
 from orgmover import registry as reg
 from orgmover.errors import ConfigError, OrgMoverError
+from orgmover.localpg import free_port
 from orgmover.registry import (
     OCI_INDEX,
     LocalRegistry,
     RegistryClient,
     RegistryError,
     container_repository_path,
-    free_port,
     make_layer,
     push_image,
     push_index,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ INCLUDE = Path(__file__).resolve().parents[1] / "include"
 if str(INCLUDE) not in sys.path:
     sys.path.insert(0, str(INCLUDE))
 
+from orgmover.localpg import free_port  # noqa: E402
 from orgmover.topology import (  # noqa: E402
     Conflict,
     NotFound,
@@ -37,12 +37,6 @@ from orgmover.topology.server import ensure_schema  # noqa: E402
 TOKEN = "test-token-primary"
 SECOND_TOKEN = "test-token-secondary"
 _org_ids = itertools.count(1000)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _next_org() -> int:
@@ -77,7 +71,7 @@ def postgres_dsn() -> Iterator[str]:
         if proc.returncode != 0:
             raise RuntimeError(f"{tool} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
 
-    port = _free_port()
+    port = free_port()
     pg("initdb", "-D", str(datadir), "--auth=trust", "-U", "postgres", "--encoding=utf8")
     pg("pg_ctl", "-D", str(datadir), "-o", f"-p {port} -h 127.0.0.1 -k {datadir}",
        "-l", str(datadir / "log"), "-w", "start")
@@ -94,7 +88,7 @@ def base_url(postgres_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     workdir = tmp_path_factory.mktemp("topology")
     token_file = workdir / "tokens"
     token_file.write_text(f"# accepted tokens\n{TOKEN}\n\n{SECOND_TOKEN}\n")
-    port = _free_port()
+    port = free_port()
     pythonpath = [str(INCLUDE), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
     env.pop("ORGMOVER_TOPOLOGY_TOKEN", None)
@@ -433,7 +427,7 @@ def test_ensure_schema_is_idempotent(postgres_dsn: str, client: TopologyClient) 
 
 
 def test_unreachable_service_is_unavailable() -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with TopologyClient(url, TOKEN, timeout=1, backoff=0) as c:
         assert c.health() is False
         with pytest.raises(Unavailable) as err:

@@ -65,7 +65,6 @@ from pathlib import Path
 from typing import Any
 
 from orgmover.errors import OrgMoverError
-from orgmover.localpg import free_port, free_ports  # noqa: F401 - free_port: for callers starting servers
 from orgmover.localpg import pid_alive as _alive
 
 MiB = 1024 * 1024
@@ -1545,10 +1544,6 @@ def seed_objects(store: ObjectStore, rng: random.Random, keys_and_sizes: Iterabl
 
 
 # ---------------------------------------------------------------------------------------------- local servers
-
-
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

@@ -43,12 +43,11 @@ from pathlib import Path
 import httpx
 
 from orgmover.errors import ConfigError, OrgMoverError
-from orgmover.localpg import free_port  # noqa: F401 - exported (__all__)
 
 __all__ = [
     "DOCKER_MANIFEST", "DOCKER_MANIFEST_LIST", "OCI_INDEX", "OCI_MANIFEST", "MANIFEST_MEDIA_TYPES",
     "LocalRegistry", "ManifestRef", "RegistryClient", "RegistryError", "container_repository_path",
-    "free_port", "make_layer", "push_image", "push_index", "registry_binary", "sync_repository",
+    "make_layer", "push_image", "push_index", "registry_binary", "sync_repository",
     "verify_repository",
 ]
 
@@ -132,8 +131,6 @@ def registry_binary() -> Path:
         "the container registry binary is not installed: install Debian's distribution registry with "
         "`apt-get install -y docker-registry` (provides /usr/bin/docker-registry), or put the upstream "
         "`registry` binary on PATH, or set ORGMOVER_REGISTRY_BIN to its path")
-
-
 
 
 class LocalRegistry:
