@@ -767,8 +767,6 @@ def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_op
         t0 = time.monotonic()
         try:
             with cell.connect() as c:
-                if not changes.slot_exists(c, name):
-                    raise changes.CaptureUnavailable(f"replication slot {name} does not exist (dropped or invalidated)")
                 got = changes.read_changes(c, name, {t: tp.key for t, tp in plan.tables.items() if tp.strategy != "skip"})
                 if got.changes:
                     ctx.tracking.add_captured(m["id"], name, got)  # recorded before the slot forgets it
@@ -813,7 +811,7 @@ def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | 
             with src_cell.connect() as src:
                 _, lacking = apply_deletions(src, dst, plan, todo, logger=ctx.log)
                 # rows the scan cannot see: the org's now on the source though not written (they joined with
-                # a parent, e.g. the issues of a project transferred into the org), found where counts differ
+                # a parent, e.g. the issues of a project transferred into the org), found by comparing keys
                 for t, keys in sorted(lacking.items()):
                     tp = plan.tables[t]
                     joined[t] = sync_keys(src, dst, tp, set(keys), _transformer(src, dst, plan, tp, src_cell, dst_cell),
@@ -981,36 +979,57 @@ def prevalidate(ctx: MoveContext, mid: int) -> dict:
     chunking = _chunking_of(ctx, mid, plan, rows, org)
     _open_target_capture(ctx, mid)
     marks = _baseline_marks(ctx, mid, plan)  # read before the checksums: what is written after is read later
-    at = datetime.now(timezone.utc).isoformat()
     t0 = time.monotonic()
-    src, dst = _chunk_sums_both(ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"]), plan, org, chunking)
-    differ = 0
-    updates = {}
-    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
-    with src_cell.connect() as s, dst_cell.connect() as d:
-        for t in org:
-            enc = lambda x: {str(k): list(v) for k, v in x.items()}  # noqa: E731
-            updates[t] = {"baseline": {"at": at, "src": enc(src[t]), "dst": enc(dst[t])}}
-            differ += sum(1 for k in set(src[t]) | set(dst[t]) if src[t].get(k) != dst[t].get(k))
-            if plan.tables[t].encrypted:  # secrets compared decrypted (the checksums leave them out)
-                e = encrypted_diff(s, d, plan.tables[t], src_cell.key, dst_cell.key)
-                updates[t]["baseline"]["secrets_equal"] = e.ok
-    ctx.tracking.update_tables(mid, updates)
-    ctx.tracking.merge_options(mid, baseline_lsn=marks)
-    ctx.log(f"baseline checksums of {sum(len(v) for v in src.values())} chunks in {len(org)} tables in "
+    n, differ = _record_baseline(ctx, m, plan, rows, chunking, {t: None for t in org}, marks)
+    ctx.log(f"baseline checksums of {n} chunks in {len(org)} tables in "
             f"{time.monotonic() - t0:.2f}s ({differ} chunks differ: written since their copy, re-checked in the window)")
     return {"tables": len(org), "chunks_differ": differ}
+
+
+def _record_baseline(ctx: MoveContext, m: dict, plan: Plan, rows: dict, chunking: dict,
+                     redo: dict[str, list[int] | None], marks: dict) -> tuple[int, int]:
+    """Checksum on both cells the chunks ``redo`` names per table (None: all of them; the others keep
+    their recorded checksums), compare the secrets decrypted (the checksums leave them out), record
+    that as the tables' baseline, then ``marks`` as its starting points (in that order: a task killed
+    in between leaves the older, earlier points, so the window compares more, never less). Returns
+    (chunks checksummed, chunks whose checksums differ between the cells)."""
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
+    at = datetime.now(timezone.utc).isoformat()
+    tables = sorted(redo)
+    src, dst = _chunk_sums_both(src_cell, dst_cell, plan, tables, chunking,
+                                {t: c for t, c in redo.items() if c is not None})
+    updates, differ = {}, 0
+    with src_cell.connect() as s, dst_cell.connect() as d:
+        for t in tables:
+            old = rows[t].get("baseline") if redo[t] is not None else None
+            new = {"at": at}
+            for side, sums in (("src", src[t]), ("dst", dst[t])):
+                kept = {k: v for k, v in old[side].items() if int(k) not in redo[t]} if old else {}
+                new[side] = {**kept, **{str(k): list(v) for k, v in sums.items()}}
+            differ += sum(1 for k in set(new["src"]) | set(new["dst"]) if new["src"].get(k) != new["dst"].get(k))
+            if plan.tables[t].encrypted:
+                new["secrets_equal"] = encrypted_diff(s, d, plan.tables[t], src_cell.key, dst_cell.key).ok
+            updates[t] = {"baseline": {**(old or {}), **new}}
+    ctx.tracking.update_tables(m["id"], updates)
+    ctx.tracking.merge_options(m["id"], baseline_lsn=marks)
+    return sum(len(v) for v in src.values()), differ
+
+
+def _captured_both(ctx: MoveContext, m: dict, plan: Plan, marks: dict | None = None) -> tuple:
+    """:func:`_captured_changes` of the source's and the target's slots, read at the same time, each
+    since its point in ``marks`` ({"src": lsn, "dst": lsn}; none: since the slot was created)."""
+    marks = marks or {}
+    with ThreadPoolExecutor(2) as ex:
+        f_src = ex.submit(_captured_changes, ctx, m, ctx.cell(m["source_cell"]), plan, "capture_slot", marks.get("src"))
+        f_dst = ex.submit(_captured_changes, ctx, m, ctx.cell(m["target_cell"]), plan, "capture_target_slot", marks.get("dst"))
+        return f_src.result(), f_dst.result()
 
 
 def _baseline_marks(ctx: MoveContext, mid: int, plan: Plan) -> dict:
     """Read both cells' capture slots up to now (recorded, the slots advanced): the points a baseline
     taken right after starts from. In the window, the rows written on either cell since these points
     are compared row by row; what was written before them is in the baseline's checksums."""
-    m = ctx.tracking.get(mid)
-    with ThreadPoolExecutor(2) as ex:
-        f_src = ex.submit(_captured_changes, ctx, m, ctx.cell(m["source_cell"]), plan)
-        f_dst = ex.submit(_captured_changes, ctx, m, ctx.cell(m["target_cell"]), plan, "capture_target_slot")
-        src, dst = f_src.result(), f_dst.result()
+    src, dst = _captured_both(ctx, ctx.tracking.get(mid), plan)
     return {"src": src.upto if src is not None else None, "dst": dst.upto if dst is not None else None}
 
 
@@ -1027,12 +1046,7 @@ def refresh_baseline(ctx: MoveContext, mid: int) -> dict:
     based = sorted(t for t, r in rows.items() if r.get("baseline"))
     if not marks or not based or (m.get("options") or {}).get("capture_slot") is None:
         return {"chunks": 0}
-    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
-    # what was written since the baseline, read up to now before the checksums
-    with ThreadPoolExecutor(2) as ex:
-        f_src = ex.submit(_captured_changes, ctx, m, src_cell, plan, "capture_slot", marks.get("src"))
-        f_dst = ex.submit(_captured_changes, ctx, m, dst_cell, plan, "capture_target_slot", marks.get("dst"))
-        written, on_target = f_src.result(), f_dst.result()
+    written, on_target = _captured_both(ctx, m, plan, marks)  # since the baseline, read up to now before the checksums
     if written is None or on_target is None:
         return {"chunks": 0}
     new_marks = {"src": written.upto, "dst": on_target.upto}
@@ -1055,23 +1069,7 @@ def refresh_baseline(ctx: MoveContext, mid: int) -> dict:
         ctx.tracking.merge_options(mid, baseline_lsn=new_marks)
         return {"chunks": 0}
     t0 = time.monotonic()
-    at = datetime.now(timezone.utc).isoformat()
-    src, dst = _chunk_sums_both(src_cell, dst_cell, plan, sorted(redo), chunking, redo)
-    updates = {}
-    differ = 0
-    with src_cell.connect() as s, dst_cell.connect() as d:
-        for t, chunks in redo.items():
-            base = rows[t]["baseline"]
-            new = {"at": at}
-            for side, sums in (("src", src[t]), ("dst", dst[t])):
-                kept = {k: v for k, v in base[side].items() if int(k) not in chunks}
-                new[side] = {**kept, **{str(k): list(v) for k, v in sums.items()}}
-            differ += sum(1 for k in set(new["src"]) | set(new["dst"]) if new["src"].get(k) != new["dst"].get(k))
-            if plan.tables[t].encrypted:
-                new["secrets_equal"] = encrypted_diff(s, d, plan.tables[t], src_cell.key, dst_cell.key).ok
-            updates[t] = {"baseline": {**base, **new}}
-    ctx.tracking.update_tables(mid, updates)
-    ctx.tracking.merge_options(mid, baseline_lsn=new_marks)  # after the checksums it stands for are recorded
+    _, differ = _record_baseline(ctx, m, plan, rows, chunking, redo, new_marks)
     n = sum(len(c) for c in redo.values())
     ctx.log(f"baseline refreshed: {n} chunks in {len(redo)} tables checksummed again in {time.monotonic() - t0:.2f}s "
             f"({differ} differ)")
@@ -1173,15 +1171,9 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     t0 = time.monotonic()
     only: dict[str, list[int]] = {}
     if not full and m["maintenance_window"]:
-        marks = (m.get("options") or {}).get("baseline_lsn") or {}
-        with ThreadPoolExecutor(2) as ex:  # both cells' slots at once, each since the baseline
-            f_src = ex.submit(_captured_changes, ctx, m, src_cell, plan, "capture_slot", marks.get("src"))
-            f_dst = ex.submit(_captured_changes, ctx, m, dst_cell, plan, "capture_target_slot", marks.get("dst"))
-            captured, on_target = f_src.result(), f_dst.result()
+        captured, on_target = _captured_both(ctx, m, plan, (m.get("options") or {}).get("baseline_lsn"))
         if captured is not None and on_target is not None:
-            for t, keys in on_target.keys.items():  # written on either cell since the baseline
-                captured.keys.setdefault(t, set()).update(keys)
-            captured.rescan.update(on_target.rescan)
+            captured.update(on_target)  # written on either cell since the baseline
             only = _incremental_chunks(plan, rows, chunking, captured, m)
     # secrets compared decrypted over whole tables (no baseline to lean on): in Python, so meanwhile
     secret_tables = [t for t in todo if plan.tables[t].encrypted and not (t in only and rows[t]["baseline"].get("secrets_equal"))]

@@ -434,8 +434,9 @@ def sync_changed_rows(src: psycopg.Connection, dst: psycopg.Connection, plan: Pl
     dst_after = {k: dst_counts.get(k, 0) + new_by_bucket.get(k, 0) for k in set(dst_counts) | set(new_by_bucket)}
     src_counts = {k: n for k, (n, _) in src_stats.items()}
     differ = sorted(k for k in set(src_counts) | set(dst_after) if src_counts.get(k, 0) != dst_after.get(k, 0))
-    (logger or log.info)(f"sync {tp.table}: {changed:,} rows written since the pre-copy re-copied; "
-                         f"{len(differ)} chunks where the org's row counts differ")
+    if changed or differ:
+        (logger or log.info)(f"sync {tp.table}: {changed:,} rows written since the pre-copy re-copied; "
+                             f"{len(differ)} chunks where the org's row counts differ")
     # every chunk's keys are compared by apply_deletions, not only those whose counts differ: rows that
     # joined the org with a parent were not written (the scan does not see them), and a chunk where as
     # many rows joined as left or were deleted counts the same on both cells

@@ -346,8 +346,12 @@ class Tracking:
 
     def chunks(self, mid: int, table: str) -> list[dict]:
         with self.conn() as c:
-            return c.execute("SELECT * FROM orgmover.chunks WHERE migration_id = %s AND table_name = %s ORDER BY chunk_no",
-                             (mid, table)).fetchall()
+            return self._chunks(c, mid, table)
+
+    @staticmethod
+    def _chunks(c: psycopg.Connection, mid: int, table: str) -> list[dict]:
+        return c.execute("SELECT * FROM orgmover.chunks WHERE migration_id = %s AND table_name = %s ORDER BY chunk_no",
+                         (mid, table)).fetchall()
 
     def chunk_bounds(self, mid: int) -> dict[str, list[int]]:
         """Every table's chunk lower bounds (chunks 2..n), in one query."""
@@ -365,9 +369,7 @@ class Tracking:
                             (mid, table)).fetchone()
             if row is None:
                 raise StateError(f"migration {mid} has no table {table} in its plan")
-            chunks = c.execute("SELECT * FROM orgmover.chunks WHERE migration_id = %s AND table_name = %s ORDER BY chunk_no",
-                               (mid, table)).fetchall()
-        return row["chunk_column"], chunks
+            return row["chunk_column"], self._chunks(c, mid, table)
 
     def update_chunk(self, mid: int, table: str, no: int, table_fields: dict[str, Any] | None = None, **fields: Any) -> None:
         """Update one chunk, and with ``table_fields`` its table, in one transaction (a table recorded as
