@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from orgmover import changes, mover
-from orgmover.errors import ValidationFailed
+from orgmover.errors import StateError, ValidationFailed
 from orgmover.cli import run_move
 from verify import check_move, snapshot
 
@@ -190,6 +190,11 @@ def test_catch_up_syncs_while_writable_and_the_window_has_only_what_came_after(d
             assert changes.read_changes(c, slot, {"issues": ["id"]}).keys == {}
 
         mover.maintenance_on(ctx, mid)
+        # a catch-up is for the copy phase: in the window it refuses before reading or writing anything
+        before = snapshot(src_dsn, legacy_key), snapshot(dst_dsn, cell1_key), _confirmed(src_dsn, slot)
+        with pytest.raises(StateError, match="in its write window: catching up is for the copy phase"):
+            mover.catch_up(ctx, mid)
+        assert (snapshot(src_dsn, legacy_key), snapshot(dst_dsn, cell1_key), _confirmed(src_dsn, slot)) == before
         mover.sync_all(ctx, mid)
         details = {t["table_name"]: t["sync_detail"] for t in ctx.tracking.tables(mid) if t["strategy"] == "org"}
         assert details["issues"]["keys"] == 1 and details["issues"]["changed"] == 1
