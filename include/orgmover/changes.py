@@ -99,6 +99,25 @@ def flush_point(conn: psycopg.Connection) -> str:
     return lsn
 
 
+def _slot_and_flush_point(conn: psycopg.Connection, name: str) -> tuple | None:
+    """(wal_status, confirmed point, flush point or None) of the slot; None when it does not exist. On
+    PostgreSQL 17+ where the role may log running transactions, in one round trip with the snapshot
+    and the flush point of :func:`flush_point` (in the window every round trip is writes blocked);
+    otherwise the flush point is left to :func:`flush_point`."""
+    where = (conn.info.host, conn.info.port, conn.info.dbname)
+    if conn.info.server_version >= 170000 and where not in _NO_SNAPSHOT:
+        try:
+            with conn.transaction():
+                row = conn.execute("SELECT wal_status, confirmed_flush_lsn::text, pg_log_standby_snapshot(), "
+                                   "pg_logical_emit_message(false, 'orgmover', 'window', true)::text "
+                                   "FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+            return None if row is None else (row[0], row[1], row[3])
+        except psycopg.errors.InsufficientPrivilege:
+            _NO_SNAPSHOT.add(where)
+    return conn.execute("SELECT wal_status, confirmed_flush_lsn::text, NULL FROM pg_replication_slots WHERE slot_name = %s",
+                        (name,)).fetchone()
+
+
 def advance(conn: psycopg.Connection, name: str, lsn: str) -> None:
     """Confirm the slot up to ``lsn`` (a point :func:`read_changes` read up to, once what it read is
     recorded elsewhere): the cell may recycle the WAL before it, and the next read starts there, so
@@ -224,6 +243,7 @@ class CapturedChanges:
     rescan: dict[str, str] = field(default_factory=dict)
     changes: int = 0
     upto: str | None = None  # the LSN read up to (transactions committed before it)
+    start: str | None = None  # the slot's confirmed point the read started from
 
     def of(self, table: str) -> set[tuple]:
         return self.keys.get(table, set())
@@ -269,17 +289,17 @@ def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str
             bare = _bare(written, schema)
             named[written] = root(bare) if bare is not None else None
         return named[written]
-    if not slot_exists(conn, name):
+    row = _slot_and_flush_point(conn, name)
+    if row is None or row[0] == "lost":
         raise CaptureUnavailable(f"replication slot {name} does not exist (dropped or invalidated)")
-    upto = out.upto = flush_point(conn)
+    out.start, upto = row[1], row[2] or flush_point(conn)
+    out.upto = upto
     with conn.transaction():
         with conn.cursor(name="om_changes") as cur:
-            cur.itersize = batch
             try:
                 cur.execute("SELECT data FROM pg_logical_slot_peek_changes(%s, %s::pg_lsn, NULL, 'include-xids', '0', "
                             "'skip-empty-xacts', '1')", (name, upto))
-                lines = iter(cur)
-                for (line,) in lines:
+                for (line,) in (r for rows in iter(lambda: cur.fetchmany(batch), []) for r in rows):
                     if not line.startswith("table "):
                         continue
                     fast = _FAST.match(line)

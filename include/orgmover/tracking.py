@@ -262,9 +262,12 @@ class Tracking:
             raise StateError(f"migration {mid} has no table {name} in its plan")
         return row
 
-    def tables(self, mid: int) -> list[dict]:
+    def tables(self, mid: int, columns: list[str] | None = None) -> list[dict]:
+        """Every table's row (``columns``: only those, with table_name; the large jsonb ones left out
+        where the caller does not need them)."""
+        cols = "*" if columns is None else ", ".join(["table_name", *columns])
         with self.conn() as c:
-            return c.execute("SELECT * FROM orgmover.tables WHERE migration_id = %s ORDER BY table_name", (mid,)).fetchall()
+            return c.execute(f"SELECT {cols} FROM orgmover.tables WHERE migration_id = %s ORDER BY table_name", (mid,)).fetchall()
 
     def update_table(self, mid: int, name: str, **fields: Any) -> None:
         with self.conn() as c:
@@ -317,15 +320,22 @@ class Tracking:
         """Record what a read of ``slot`` found (a :class:`orgmover.changes.CapturedChanges` read up to
         ``got.upto``); the slot may be advanced to ``got.upto`` once this commits."""
         with self.conn() as c:
-            c.execute("INSERT INTO orgmover.captured_changes (migration_id, slot, upto_lsn, changes, keys) "
-                      "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING", (mid, slot, got.upto, got.changes, Jsonb(got.to_json())))
+            self._add_captured(c, mid, slot, got)
 
-    def captured(self, mid: int, slot: str, after: str | None = None):
-        """Every key recorded from ``slot`` by reads that went past ``after`` (an LSN; None: all), merged."""
+    @staticmethod
+    def _add_captured(c: psycopg.Connection, mid: int, slot: str, got) -> None:
+        c.execute("INSERT INTO orgmover.captured_changes (migration_id, slot, upto_lsn, changes, keys) "
+                  "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING", (mid, slot, got.upto, got.changes, Jsonb(got.to_json())))
+
+    def captured(self, mid: int, slot: str, after: str | None = None, add=None):
+        """Every key recorded from ``slot`` by reads that went past ``after`` (an LSN; None: all), merged;
+        ``add``: a read recorded first (:meth:`add_captured`), in the same transaction."""
         from orgmover.changes import CapturedChanges
 
         out = CapturedChanges()
         with self.conn() as c:
+            if add is not None:
+                self._add_captured(c, mid, slot, add)
             for r in c.execute("SELECT upto_lsn::text AS upto, changes, keys FROM orgmover.captured_changes WHERE "
                                "migration_id = %s AND slot = %s AND (%s::pg_lsn IS NULL OR upto_lsn > %s::pg_lsn) "
                                "ORDER BY upto_lsn", (mid, slot, after, after)):

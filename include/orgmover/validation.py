@@ -139,10 +139,9 @@ def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, name: str, batch: int
            + f" ORDER BY {key} COLLATE \"C\"")
     with conn.transaction():
         with conn.cursor(name=name) as cur:
-            cur.itersize = batch
             cur.execute(sql)
-            for row in cur:
-                yield row
+            while rows := cur.fetchmany(batch):  # a list per fetch: no per-row cursor call
+                yield from rows
 
 
 def _merge_diff(src_iter, dst_iter, samples: int) -> DiffResult:
@@ -186,13 +185,15 @@ class _Raised:
         self.error = error
 
 
-def _aside(it: Iterator, depth: int = 10_000) -> Iterator:
-    """``it`` read by a thread of its own, handed over through a bounded queue: the other cell's query
-    runs at the same time as this one's (a diff reads both cells), memory stays bounded by ``depth``."""
+def _aside(it: Iterator, depth: int = 10_000, batch: int = 500) -> Iterator:
+    """``it`` read by a thread of its own, handed over through a bounded queue in lists of up to
+    ``batch`` items: the other cell's query runs at the same time as this one's (a diff reads both
+    cells), memory stays bounded by ``depth`` items."""
+    import itertools
     import queue
     import threading
 
-    q: queue.Queue = queue.Queue(depth)
+    q: queue.Queue = queue.Queue(max(1, depth // batch))
     stop, end = threading.Event(), object()
 
     def put(x) -> bool:
@@ -206,8 +207,8 @@ def _aside(it: Iterator, depth: int = 10_000) -> Iterator:
 
     def run() -> None:
         try:
-            for x in it:
-                if not put(x):
+            while part := list(itertools.islice(it, batch)):
+                if not put(part):
                     return
             put(end)
         except BaseException as e:  # noqa: BLE001 - handed to the reader
@@ -226,7 +227,7 @@ def _aside(it: Iterator, depth: int = 10_000) -> Iterator:
                 return
             if isinstance(x, _Raised):
                 raise x.error
-            yield x
+            yield from x
     finally:
         stop.set()
         worker.join()
@@ -243,9 +244,8 @@ def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, n
     sql = _org_rows(tp, f"{keyexpr}, {', '.join(cols)}", narrow, picked) + f" ORDER BY {keyexpr} COLLATE \"C\""
     with conn.transaction():
         with conn.cursor(name=name) as cur:
-            cur.itersize = 5000
             cur.execute(sql)
-            for row in cur:
+            for row in (r for rows in iter(lambda: cur.fetchmany(5000), []) for r in rows):
                 h = hashlib.sha256()
                 for i, spec in enumerate(specs):
                     try:
