@@ -1,7 +1,7 @@
 """org_move: move one GitLab organization from one cell to another.
 
-preflight -> plan -> pre-copy (org writable) -> quiesce (maintenance on) -> sync what changed -> validate ->
-[approval] -> switchover,
+preflight -> plan -> pre-copy and replication (org writable) -> catch-up -> the write window in one task
+(maintenance on, sync what changed, validate, go/no-go, switch) [-> a person approves -> switch],
 with ``release`` as the teardown of the maintenance window: whatever fails after maintenance went
 on, maintenance is lifted and the route stays on the source. A dry run stops after preflight with a
 readable report and changes nothing. Thin file: the work is in ``orgmover`` and ``orgmover_airflow``.
@@ -17,10 +17,9 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param, TaskGroup, TriggerRule
 
-from orgmover_airflow.operators import (CatchUpOperator, CopyTableOperator, GoNoGoOperator, MaintenanceOnOperator, PlanOperator,
-                                        PrecopyDoneOperator, PreflightOperator, PrepareTargetOperator,
-                                        ReleaseOperator, ReplicateFinalOperator, ReplicateOperator, SummaryOperator,
-                                        SwitchoverOperator, SyncAllOperator, ValidateAllOperator)
+from orgmover_airflow.operators import (CatchUpOperator, CopyTableOperator, PlanOperator, PrecopyDoneOperator,
+                                        PreflightOperator, PrepareTargetOperator, ReleaseOperator, ReplicateOperator,
+                                        SummaryOperator, SwitchoverOperator, WriteWindowOperator)
 from orgmover_airflow.operators.move import ReplicateBatchOperator, ReplicateScanOperator
 from orgmover_airflow.sensors import ReplicationSensor
 
@@ -94,30 +93,26 @@ with DAG(
                                        poke_interval=int(os.environ.get("ORGMOVER_REPLICATION_POKE", "15")))
         scan >> batches >> converge >> replicated
 
-    with TaskGroup("quiesce", tooltip="catch up while writable, then maintenance on: writes blocked") as g_quiesce:
-        # the rows written since the pre-copy synced and the baseline refreshed right before the window,
-        # so the window only has the last seconds' writes
+    with TaskGroup("quiesce", tooltip="catch up while writable: the window then has only the last seconds' writes") as g_quiesce:
+        # the rows written since the pre-copy synced and the baseline refreshed right before the window
         catch = CatchUpOperator(task_id="catch_up", migration_id=MID)
-        maintenance = MaintenanceOnOperator(task_id="maintenance_on", migration_id=MID)
-        catch >> maintenance
 
-    # the write window: as few tasks as possible (per-task overhead is writes blocked for nothing); each
-    # task parallelises inside and logs per table. Rows and storage are independent: both at once
-    with TaskGroup("sync", tooltip="in the write window: only what changed since the last sync") as g_sync:
-        sync = SyncAllOperator(task_id="sync_changes", migration_id=MID)
-        storage_final = ReplicateFinalOperator(task_id="storage_final_pass", migration_id=MID)
-
-    with TaskGroup("validate", tooltip="counts and checksums on both cells") as g_validate:
-        validate = ValidateAllOperator(task_id="checksums", migration_id=MID, full="{{ params.full_validation }}")
-        go = GoNoGoOperator(task_id="go_no_go", migration_id=MID, retries=0)
-        validate >> go
+    # the write window is ONE task: between tasks, writes would stay blocked while the scheduler starts
+    # the next one (seconds each). Inside: maintenance on, rows and storage synced at once, foreign keys
+    # checked while the rows are validated, go/no-go (readable report), and the route switched unless a
+    # person approves first; each step logs and records its progress, so a retry resumes
+    with TaskGroup("window", tooltip="writes blocked: maintenance on, sync, validate, go/no-go, switch") as g_window:
+        cutover = WriteWindowOperator(task_id="cutover", migration_id=MID, switch="{{ not params.require_approval }}",
+                                      full="{{ params.full_validation }}",
+                                      # a retry resumes with writes still blocked: soon, not after a backoff
+                                      retry_delay=timedelta(seconds=2), retry_exponential_backoff=False)
 
     with TaskGroup("switchover", tooltip="route to target, maintenance off") as g_switch:
         gate = ApprovalGate(task_id="approval_gate")
         approve = ApprovalOperator(
             task_id="approve",
             subject="Switch organization {{ params.organization_id }} to cell {{ params.target_cell }}?",
-            body="Validation passed: {{ ti.xcom_pull(task_ids='validate.go_no_go') }}. The organization is in "
+            body="Validation passed: {{ ti.xcom_pull(task_ids='window.cutover') }}. The organization is in "
                  "maintenance (writes blocked) until you answer.",
             fail_on_reject=True, response_timeout=timedelta(hours=2), retries=0)
         switch = SwitchoverOperator(task_id="switch_route", migration_id=MID,
@@ -126,14 +121,11 @@ with DAG(
         gate >> [approve, switch]
         approve >> switch >> summary
 
-    # teardown of the maintenance window: runs whenever maintenance_on succeeded, whatever failed after;
-    # teardowns do not decide the run's state, so a failed copy still fails the run
-    release = ReleaseOperator(task_id="release", migration_id=MID, retries=3).as_teardown(setups=maintenance)
+    # teardown of the maintenance window: runs whenever the window task ran, whatever failed in it or
+    # after; teardowns do not decide the run's state, so a failed copy still fails the run
+    release = ReleaseOperator(task_id="release", migration_id=MID, retries=3).as_teardown(setups=cutover)
 
     is_move >> plan >> prepare
     precopied >> scan
-    replicated >> catch
-    maintenance >> [sync, storage_final]
-    [sync, storage_final] >> validate
-    go >> gate
+    replicated >> catch >> cutover >> gate
     summary >> release

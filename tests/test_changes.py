@@ -216,6 +216,50 @@ def test_catch_up_syncs_while_writable_and_the_window_has_only_what_came_after(d
     assert check_move(seen_src, snapshot(src_dsn, legacy_key), dst_before, snapshot(dst_dsn, cell1_key), expected) == []
 
 
+def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, seeded, ctx):
+    """The window is one call (one DAG task): maintenance on, sync, validate, go/no-go; here without the
+    switch (a person approves first), so the org stays blocked on the source, validated. Maintenance
+    goes on by a compare-and-set against the route version the catch-up saw; a route changed since
+    (another owner's maintenance) is read again and refused, changing nothing; once it is free, the
+    window runs and syncs and compares only what was written after the catch-up."""
+    from pathlib import Path
+
+    org = seeded["aleph"]
+    topo = devenv.topology()
+    src_dsn = devenv.resolve_cell("legacy").dsn
+    mid = mover.preflight(ctx, org.id, "legacy", "cell-1", "one-window")
+    try:
+        mover.copy_tables(ctx, mid, (mover.make_plan(ctx, mid), mover.prepare_target(ctx, mid))[0])
+        mover.precopy_done(ctx, mid)
+        mover.catch_up(ctx, mid)
+        seen = ctx.tracking.get(mid)["options"]["open_route_version"]
+        assert seen == topo.route(org.id)["version"]
+        held = topo.update_route(org.id, seen, maintenance=True, maintenance_owner="someone-else", reason="test")
+        with pytest.raises(StateError, match="in maintenance held by someone-else"):
+            mover.write_window(ctx, mid)
+        assert topo.route(org.id) == held and ctx.tracking.get(mid)["state"] == "copied"
+        topo.update_route(org.id, held["version"], maintenance=False, reason="test done")
+        with psycopg.connect(src_dsn) as c:  # written after the catch-up
+            c.execute("UPDATE issues SET title = 'in the window' WHERE id = (SELECT min(i.id) FROM issues i "
+                      "JOIN namespaces n ON n.id = i.namespace_id WHERE n.organization_id = %s)", (org.id,))
+
+        out = mover.write_window(ctx, mid, switch=False)
+        assert out["switched"] is False and "RESULT: PASSED" in Path(out["report"]).read_text()
+        assert {"maintenance_on", "sync", "validate", "go_no_go", "total"} <= set(out["seconds"])
+        route = topo.route(org.id)
+        assert route["cell"] == "legacy" and route["maintenance"] and route["maintenance_owner"] == ctx.owner(mid)
+        assert ctx.tracking.get(mid)["state"] == "validated"
+        details = {t["table_name"]: t["sync_detail"] for t in ctx.tracking.tables(mid) if t["strategy"] == "org"}
+        assert details["issues"]["keys"] == 1 and all(d["changed"] == 0 for t, d in details.items() if t != "issues")
+        assert ctx.tracking.table(mid, "issues")["validation_detail"]["incremental"]["written_rows_compared"] == 1
+        mover.switchover(ctx, mid)
+    except Exception:
+        mover.release(ctx, mid)
+        raise
+    route = topo.route(org.id)
+    assert route["cell"] == "cell-1" and not route["maintenance"]
+
+
 def test_a_target_row_changed_before_the_catch_up_is_still_found_in_the_window(devenv, seeded, ctx):
     """The catch-up moves the baseline forward; a row changed on the target behind the mover's back
     before it is in the target's slot, so its chunk is checksummed again (and differs) rather than

@@ -38,7 +38,7 @@ def test_move_org_with_the_dag(devenv, seeded, org_move_dag, ctx):
     storage_problems, counts = check_storage(devenv.resolve_cell("legacy"), devenv.resolve_cell("cell-1"), org.id)
     assert storage_problems == [] and min(counts.values()) > 0, counts
     states = _states(dr)
-    assert states["replicate.wait_synced_and_verified"] == "success" and states["sync.storage_final_pass"] == "success"
+    assert states["replicate.wait_synced_and_verified"] == "success" and states["window.cutover"] == "success"
     m = ctx.tracking.latest_for_org(org.id)
     assert m["state"] == "completed" and m["validation"]["ok"] is True
     # the window re-copied captured keys only and validated against the baseline taken after the pre-copy
@@ -88,7 +88,7 @@ def test_failure_in_precopy_then_resume_completes(devenv, seeded, org_move_dag, 
     assert dr.state == "failed", states
     failed = [t for t, s in states.items() if s == "failed"]
     assert failed == ["copy.copy_table[%d]" % sorted(org.rows).index("merge_requests")], states
-    assert states["quiesce.maintenance_on"] == "upstream_failed"
+    assert states["window.cutover"] == "upstream_failed"
     route = devenv.topology().route(org.id)
     assert route["cell"] == "legacy" and route["maintenance"] is False  # writes were never blocked
     m = ctx.tracking.latest_for_org(org.id)

@@ -126,7 +126,7 @@ def test_dag_refuses_unknown_org_and_changes_nothing(org_move_dag, seeded, uncha
     states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
     assert dr.state == "failed"
     assert states["preflight.check"] == "failed"
-    assert states["quiesce.maintenance_on"] == "upstream_failed"
+    assert states["window.cutover"] == "upstream_failed"
 
 
 def test_dag_params_are_validated(org_move_dag):

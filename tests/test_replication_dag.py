@@ -157,7 +157,7 @@ def test_sensor_times_out_with_a_readable_list_then_a_due_retry_completes(devenv
         batches = [t for t in states if t.startswith("replicate.sync_batch[")]
         assert len(batches) > 3 and all(states[t] == "success" for t in batches), states  # several batches per kind
         assert states["replicate.scan"] == states["replicate.converge"] == "success"
-        assert states["quiesce.maintenance_on"] == "upstream_failed" and states["switchover.switch_route"] == "upstream_failed"
+        assert states["window.cutover"] == "upstream_failed" and states["switchover.switch_route"] == "upstream_failed"
         # nothing was switched: same route, same version, never in maintenance
         assert devenv.topology().route(org.id) == route_before
         m = ctx.tracking.latest_for_org(org.id)

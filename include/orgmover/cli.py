@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from orgmover.errors import OrgMoverError
 
@@ -76,14 +75,7 @@ def run_move(ctx, org: int, source: str, target: str, run_id: str = "cli", befor
         mover.catch_up(ctx, mid)
         if before_window:
             before_window(mid)
-        mover.maintenance_on(ctx, mid)
-        with ThreadPoolExecutor(2) as ex:  # rows and storage are independent: both at once, as in the DAG
-            window = [ex.submit(mover.sync_all, ctx, mid), ex.submit(mover.replicate_final, ctx, mid)]
-        for f in window:
-            f.result()
-        mover.validate_all(ctx, mid)
-        mover.go_no_go(ctx, mid)
-        mover.switchover(ctx, mid)
+        mover.write_window(ctx, mid)
     except Exception as e:
         ctx.tracking.update(mid, error=str(e)[:4000])
         mover.release(ctx, mid)

@@ -367,17 +367,25 @@ def maintenance_on(ctx: MoveContext, mid: int) -> None:
     """Block the org's writes: maintenance on in the Topology Service, owned by this migration."""
     m = ctx.tracking.get(mid)
     org = m["organization_id"]
+    block = dict(maintenance=True, maintenance_owner=ctx.owner(mid), reason=f"moving to {m['target_cell']}")
     with _phase(ctx, mid, "quiesce"):
-        route = ctx.topology.route(org)
-        if route["cell"] != m["source_cell"]:
-            raise StateError(f"organization {org} is routed to {route['cell']}, expected {m['source_cell']}")
-        if route["maintenance"]:
-            if route.get("maintenance_owner") != ctx.owner(mid):
-                raise StateError(f"organization {org} is in maintenance held by {route.get('maintenance_owner')}")
-            ctx.log(f"organization {org} already in maintenance for migration #{mid} (window {m['maintenance_window']})")
-            return
-        new = ctx.topology.update_route(org, route["version"], maintenance=True, maintenance_owner=ctx.owner(mid),
-                                        reason=f"moving to {m['target_cell']}")
+        new = None
+        seen = (m.get("options") or {}).get("open_route_version")
+        if seen is not None and m["state"] in ("copied", "failed"):
+            try:  # unchanged since the catch-up saw it on the source, writable: blocked without reading it again
+                new = ctx.topology.update_route(org, seen, **block)
+            except VersionConflict:
+                new = None
+        if new is None:
+            route = ctx.topology.route(org)
+            if route["cell"] != m["source_cell"]:
+                raise StateError(f"organization {org} is routed to {route['cell']}, expected {m['source_cell']}")
+            if route["maintenance"]:
+                if route.get("maintenance_owner") != ctx.owner(mid):
+                    raise StateError(f"organization {org} is in maintenance held by {route.get('maintenance_owner')}")
+                ctx.log(f"organization {org} already in maintenance for migration #{mid} (window {m['maintenance_window']})")
+                return
+            new = ctx.topology.update_route(org, route["version"], **block)
         # a new window: what changed since the pre-copy is synced and everything validated again in it
         ctx.tracking.transition(mid, "quiesced", ("copied", "failed", "quiesced", "validating", "validated"),
                                 maintenance_window=m["maintenance_window"] + 1,
@@ -578,7 +586,8 @@ def sync_shared(ctx: MoveContext, mid: int) -> None:
     copy_shared_rows(ctx, mid, in_window=True)
 
 
-def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = False) -> list[str] | None:
+def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = False,
+             later: list[Callable[[], bool]] | None = None) -> list[str] | None:
     """The write window's work in one task: shared rows, every table's changes since the pre-copy
     (tables in parallel, each worker with its own connections), deletions, foreign keys. Returns the
     tables to validate. One task instead of one per table: in the window, per-task overhead is writes
@@ -586,7 +595,8 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
 
     ``writable``: the same while the org is still writable (:func:`catch_up`): only the changes since
     the last sync, no foreign-key check (a row may arrive before its parent; the window checks);
-    returns None when there is no usable capture slot (nothing was done)."""
+    returns None when there is no usable capture slot (nothing was done). ``later``: the foreign-key
+    check is appended to it instead of run (:func:`write_window` runs it while validating)."""
     import queue
 
     m = ctx.tracking.get(mid)
@@ -595,23 +605,24 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
         if route["maintenance"] or m["state"] not in ("copied", "failed"):
             raise StateError(f"migration #{mid} is {m['state']}{' in its write window' if route['maintenance'] else ''}: "
                              f"catching up is for the copy phase, after the pre-copy")
-    else:
-        _require_maintenance(ctx, m)
     plan = load_plan(ctx, mid)
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
     t0 = time.monotonic()
-    background = ThreadPoolExecutor(1)  # the target's foreign keys (for their check) meanwhile
+    # meanwhile: the target's foreign keys (for their check) and, in the window, that writes are blocked
+    # (checked before anything is written; reading the slot and recording what it holds loses nothing)
+    background = ThreadPoolExecutor(2)
 
     def target_catalog():
-        if writable:
-            return None
         with dst_cell.connect() as c:
             return read_foreign_keys(c)
 
-    catalog_future = background.submit(target_catalog)
+    catalog_future = background.submit(target_catalog) if not writable else None
+    blocked = background.submit(_require_maintenance, ctx, m) if not writable else None
     background.shutdown(wait=False)
     # what was written since the last sync (the pre-copy, or the last catch-up)
     captured = _captured_changes(ctx, m, src_cell, plan, after=(m.get("options") or {}).get("capture_synced_lsn"))
+    if blocked is not None:
+        blocked.result()
     if writable and captured is None:
         ctx.log("no change capture: nothing to catch up; the write window scans the rows written since the pre-copy")
         return None
@@ -620,7 +631,7 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
     else:  # a new reference to a shared row not on the target yet shows in the foreign-key check, which syncs them then
         ctx.tracking.phase_started(mid, "catch_up" if writable else "sync")
         ctx.log("shared rows: none written on the source since the last sync, no changed row remaps one")
-    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
+    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid, ["strategy", "state", "chunk_column"])}
     org_tables = sorted(t for t in rows if rows[t]["strategy"] == "org")
     not_copied = [t for t in org_tables if rows[t]["state"] != "copied"]
     if not_copied:
@@ -681,9 +692,11 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
                                      for table, res in results.items()})
     ctx.log(f"synced {len(results)} tables in {time.monotonic() - t0:.2f}s: "
             f"{sum(r['changed'] for r in results.values()):,} rows written since the {'last sync' if writable else 'pre-copy'}")
-    out = sync_deletions(ctx, mid, captured, _checked=(m, catalog_future.result()), writable=writable)
+    out = sync_deletions(ctx, mid, m, captured, catalog_future.result() if catalog_future else None, writable, later)
     if captured is not None:  # later syncs start from here
-        ctx.tracking.merge_options(mid, capture_synced_lsn=captured.upto)
+        ctx.tracking.merge_options(mid, capture_synced_lsn=captured.upto,
+                                   **({"open_route_version": route["version"]} if writable and route["cell"] == m["source_cell"]
+                                      else {}))
     return out
 
 
@@ -749,13 +762,14 @@ def _needs_shared_sync(plan: Plan, captured) -> bool:
 
 
 def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_option: str = "capture_slot",
-                      after: str | None = None, drained: bool = False):
+                      after: str | None = None, drained: bool = False, advance: bool = True):
     """The keys written on ``cell`` (the source, or with ``slot_option="capture_target_slot"`` the
     target) since the read that went up to ``after`` (None: since the slot was created), from the
     change-capture slot: what it holds now is read, recorded in tracking, and the slot advanced
     past it, so the next read starts there (its cost follows what was written since, not since the
     pre-copy, however long that took and whatever else the cell wrote); what was recorded before
-    is merged in. ``drained``: only what was recorded, without reading the slot. None when there
+    is merged in. ``drained``: only what was recorded, without reading the slot. ``advance=False``:
+    the slot is only read (nothing recorded, the next read sees the same again). None when there
     is no usable slot (never opened, dropped by a release, invalidated): then every table is scanned
     (validated in full)."""
     from orgmover import changes
@@ -768,33 +782,36 @@ def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_op
         try:
             with cell.connect() as c:
                 got = changes.read_changes(c, name, {t: tp.key for t, tp in plan.tables.items() if tp.strategy != "skip"})
-                if got.changes:
-                    ctx.tracking.add_captured(m["id"], name, got)  # recorded before the slot forgets it
-                changes.advance(c, name, got.upto)
+                # recorded before the slot forgets it; when this read started at ``after`` it is all there is
+                # since, otherwise what was recorded since ``after`` is read back in the same transaction
+                if after is not None and got.start == after:
+                    if got.changes and advance:
+                        ctx.tracking.add_captured(m["id"], name, got)
+                    out = got
+                elif advance:
+                    out = ctx.tracking.captured(m["id"], name, after, add=got if got.changes else None)
+                else:
+                    out = ctx.tracking.captured(m["id"], name, after).update(got)
+                if advance:
+                    changes.advance(c, name, got.upto)
         except changes.CaptureUnavailable as e:
             ctx.log(f"change capture on {cell.name}: {e}; scanning the rows written since the pre-copy instead")
             return None
         ctx.log(f"change capture on {cell.name}: {got.changes:,} row changes in the plan's tables since the last read "
                 f"({sum(len(k) for k in got.keys.values()):,} keys in {len(got.keys)} tables) read in {time.monotonic() - t0:.2f}s")
-    out = ctx.tracking.captured(m["id"], name, after)
-    if not drained:
         out.upto = got.upto
-    return out
+        return out
+    return ctx.tracking.captured(m["id"], name, after)
 
 
-def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | None = None,
-                   writable: bool = False) -> list[str]:
-    """Apply the source's deletions to the target, then check foreign keys; returns the tables to validate.
-    With the captured changes, the check reads only the rows written since the pre-copy and the
-    children of the rows the window deleted. ``writable`` (a catch-up before the window): deletions
-    only."""
-    if _checked is None:  # called on its own (sync_all checked maintenance and read the catalog)
-        m, catalog = ctx.tracking.get(mid), None
-        _require_maintenance(ctx, m)
-    else:
-        m, catalog = _checked
+def sync_deletions(ctx: MoveContext, mid: int, m: dict, captured, catalog: Catalog | None, writable: bool = False,
+                   later: list[Callable[[], bool]] | None = None) -> list[str]:
+    """The end of :func:`sync_all`: apply the source's deletions to the target, then check foreign keys;
+    returns the tables to validate. With the captured changes, the check reads only the rows written
+    since the pre-copy and the children of the rows the window deleted. ``writable`` (a catch-up before
+    the window): deletions only. ``later``: the check is appended to it instead of run."""
     plan = load_plan(ctx, mid)
-    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
+    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid, ["strategy", "synced_in_window", "sync_detail"])}
     stale = [t for t, r in rows.items() if r["strategy"] == "org" and r["synced_in_window"] != m["maintenance_window"]]
     if stale and not writable:
         raise StateError(f"tables not synced in this maintenance window: {', '.join(sorted(stale))}")
@@ -832,32 +849,43 @@ def sync_deletions(ctx: MoveContext, mid: int, captured=None, _checked: tuple | 
                         + ", ".join(f"{t} {len(k):,}" for t, k in sorted(leaving.items())))
         gone = delete_absent(dst, plan, by_key, logger=ctx.log,
                              leaving=[(plan.tables[t], key_types(dst, plan.tables[t]), sorted(k)) for t, k in sorted(leaving.items())])
-        if writable:
-            ctx.tracking.phase_finished(mid, "catch_up")
-            return []
+    if writable:
+        ctx.tracking.phase_finished(mid, "catch_up")
+        return []
+    # the pre-copy's foreign keys were checked before the window; here only what the window touched:
+    # tables with rows written or deleted, and tables referencing a table with deletions
+    deleted = {tp.table for tp, *_ in todo} | {t for t, n in gone.items() if n}
+    changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | deleted | set(joined)
+
+    def check() -> bool:
+        """The foreign keys of the rows the window touched, resolved on the target; True when shared
+        rows had to be synced for them (a written row references one the target lacked)."""
         # every row written since the pre-copy (by catch-ups too), not only since the last sync
         since_copy = captured if captured is None or not (m.get("options") or {}).get("capture_synced_lsn") else \
             _captured_changes(ctx, m, src_cell, plan, drained=True)
-        # the pre-copy's foreign keys were checked before the window; here only what the window touched:
-        # tables with rows written or deleted, and tables referencing a table with deletions
-        deleted = {tp.table for tp, *_ in todo} | {t for t, n in gone.items() if n}
-        changed = {t for t, r in rows.items() if (r["sync_detail"] or {}).get("changed")} | deleted | set(joined)
-        if since_copy is not None:
-            changed |= {t for t, keys in since_copy.keys.items() if keys and plan.tables[t].strategy == "org"}
-        catalog = catalog or read_foreign_keys(dst)
-        touched = changed | {t for t in plan.tables if any(fk.ref_table in deleted for fk in catalog[t].foreign_keys)}
-        only = _touched_rows(dst, plan, catalog, rows, since_copy, touched, {tp.table for tp, *_ in todo}, leaving)
-        problems = fk_violations(dst, plan, catalog, tables=touched, only=only)
-    if problems and not _needs_shared_sync(plan, captured):
-        ctx.log("a written row references a shared row the target lacks: syncing shared rows, then checking again")
-        sync_shared(ctx, mid)
-        problems = None
-    if problems is None:
-        check_foreign_keys(ctx, mid, touched, only, catalog=catalog)
-    elif problems:
-        raise ValidationFailed("foreign keys of the organization's rows are broken on the target:\n  - " + "\n  - ".join(problems))
+        written = changed | ({t for t, keys in since_copy.keys.items() if keys and plan.tables[t].strategy == "org"}
+                             if since_copy is not None else set())
+        with dst_cell.connect() as dst:
+            cat = catalog or read_foreign_keys(dst)
+            touched = written | {t for t in plan.tables if any(fk.ref_table in deleted for fk in cat[t].foreign_keys)}
+            only = _touched_rows(dst, plan, cat, rows, since_copy, touched, {tp.table for tp, *_ in todo}, leaving)
+            problems = fk_violations(dst, plan, cat, tables=touched, only=only)
+        synced = bool(problems) and not _needs_shared_sync(plan, captured)
+        if synced:
+            ctx.log("a written row references a shared row the target lacks: syncing shared rows, then checking again")
+            sync_shared(ctx, mid)
+            check_foreign_keys(ctx, mid, touched, only, catalog=cat)
+        elif problems:
+            raise ValidationFailed("foreign keys of the organization's rows are broken on the target:\n  - "
+                                   + "\n  - ".join(problems))
+        else:
+            ctx.log(f"foreign keys of the rows the window touched on {m['target_cell']}: all resolved")
+        return synced
+
+    if later is None:
+        check()
     else:
-        ctx.log(f"foreign keys of the rows the window touched on {m['target_cell']}: all resolved")
+        later.append(check)
     ctx.tracking.phase_finished(mid, "sync")
     ctx.tracking.phase_started(mid, "validate")  # finished by go_no_go
     return sorted(t for t, p in plan.tables.items() if p.strategy != "skip")
@@ -1015,13 +1043,15 @@ def _record_baseline(ctx: MoveContext, m: dict, plan: Plan, rows: dict, chunking
     return sum(len(v) for v in src.values()), differ
 
 
-def _captured_both(ctx: MoveContext, m: dict, plan: Plan, marks: dict | None = None) -> tuple:
+def _captured_both(ctx: MoveContext, m: dict, plan: Plan, marks: dict | None = None, advance: bool = True) -> tuple:
     """:func:`_captured_changes` of the source's and the target's slots, read at the same time, each
     since its point in ``marks`` ({"src": lsn, "dst": lsn}; none: since the slot was created)."""
     marks = marks or {}
     with ThreadPoolExecutor(2) as ex:
-        f_src = ex.submit(_captured_changes, ctx, m, ctx.cell(m["source_cell"]), plan, "capture_slot", marks.get("src"))
-        f_dst = ex.submit(_captured_changes, ctx, m, ctx.cell(m["target_cell"]), plan, "capture_target_slot", marks.get("dst"))
+        f_src = ex.submit(_captured_changes, ctx, m, ctx.cell(m["source_cell"]), plan, "capture_slot", marks.get("src"),
+                          advance=advance)
+        f_dst = ex.submit(_captured_changes, ctx, m, ctx.cell(m["target_cell"]), plan, "capture_target_slot",
+                          marks.get("dst"), advance=advance)
         return f_src.result(), f_dst.result()
 
 
@@ -1088,7 +1118,8 @@ def catch_up(ctx: MoveContext, mid: int, max_passes: int = 5, settle_seconds: fl
         t0 = time.monotonic()
         if sync_all(ctx, mid, writable=True) is None:  # no usable capture slot: the window scans instead
             break
-        rows = sum((t.get("sync_detail") or {}).get("changed", 0) for t in ctx.tracking.tables(mid) if t["strategy"] == "org")
+        rows = sum((t["sync_detail"] or {}).get("changed", 0) for t in ctx.tracking.tables(mid, ["strategy", "sync_detail"])
+                   if t["strategy"] == "org")
         base = refresh_baseline(ctx, mid)
         took = time.monotonic() - t0
         passes.append({"rows": rows, "chunks_rechecked": base["chunks"], "seconds": round(took, 3)})
@@ -1156,7 +1187,8 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
 
     m = ctx.tracking.get(mid)
     plan = load_plan(ctx, mid)
-    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid)}
+    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid, ["strategy", "chunk_column", "baseline", "sync_detail",
+                                                                 "synced_in_window", "validated_in_window", "validation_state"])}
     todo = [t for t, r in sorted(rows.items()) if again or not (r["validated_in_window"] == m["maintenance_window"]
                                                                 and r["validation_state"] == "passed")]
     if m["state"] == "quiesced":
@@ -1171,7 +1203,8 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     t0 = time.monotonic()
     only: dict[str, list[int]] = {}
     if not full and m["maintenance_window"]:
-        captured, on_target = _captured_both(ctx, m, plan, (m.get("options") or {}).get("baseline_lsn"))
+        # only read: the window's last read (a retry reads the same again; the slots go with the switch)
+        captured, on_target = _captured_both(ctx, m, plan, (m.get("options") or {}).get("baseline_lsn"), advance=False)
         if captured is not None and on_target is not None:
             captured.update(on_target)  # written on either cell since the baseline
             only = _incremental_chunks(plan, rows, chunking, captured, m)
@@ -1206,11 +1239,16 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
             cond = bind(s, *key_filter(tp.key, key_types(s, tp), sorted(captured.of(t))))
             return t, cond, row_diff(s, d, tp, picked=cond).to_dict()
 
+    def look_up(t: str):
+        with src_cell.connect() as s, dst_cell.connect() as d:
+            return lookup_validation(s, d, plan.tables[t])
+
     written_rows: dict[str, tuple[str, dict]] = {}
-    if only:
-        with ThreadPoolExecutor(2) as ex:  # two tables at a time, each on its own connections
-            for t, cond, diff in ex.map(compare_written, [t for t in todo if t in only and captured.of(t)]):
-                written_rows[t] = (cond, diff)
+    with ThreadPoolExecutor(4) as ex:  # four tables at a time, each on its own connections (mostly waiting)
+        looked = {t: ex.submit(look_up, t) for t in todo if t in lookups}
+        for t, cond, diff in ex.map(compare_written, [t for t in todo if t in only and captured.of(t)] if only else []):
+            written_rows[t] = (cond, diff)
+        looked = {t: f.result() for t, f in looked.items()}
     bad = 0
     pending: dict[str, dict] = {}
     flushed = time.monotonic()
@@ -1218,7 +1256,7 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
         for t in todo:
             tp = plan.tables[t]
             if t in lookups:
-                res = lookup_validation(s, d, tp)
+                res = looked[t]
                 sn, dn, ss, ds = res.source_rows, res.target_rows, res.source_checksum, res.target_checksum
             else:
                 (sn, ss), (dn, ds) = total(src_sums[t]), total(dst_sums[t])
@@ -1332,6 +1370,48 @@ def switchover(ctx: MoveContext, mid: int) -> dict:
         _close_capture(ctx, m)
         ctx.log(f"organization {org} now routed to {m['target_cell']} (route version {new['version']}); writes open")
     return new
+
+
+def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | None = None) -> dict:
+    """The write window in one call (one task of the DAG: between tasks, writes would stay blocked for
+    the scheduler): maintenance on; the rows and the storage synced at once; the foreign keys of what
+    the sync touched checked while the rows are validated; go/no-go; and with ``switch`` the route
+    switched, which lifts maintenance. Each step records its progress, so a retry resumes; a failure
+    leaves the org in maintenance on the source (:func:`release`, the DAG's teardown, lifts it).
+    Returns the validation report's path, whether the route was switched, and the seconds of each
+    part and of the whole window."""
+    t0 = time.monotonic()
+    took: dict[str, float] = {}
+    maintenance_on(ctx, mid)
+    took["maintenance_on"] = time.monotonic() - t0
+    checks: list[Callable[[], bool]] = []
+    t = time.monotonic()
+    with ThreadPoolExecutor(1) as ex:  # rows and storage are independent: both at once
+        storage = ex.submit(replicate_final, ctx, mid)
+        sync_all(ctx, mid, later=checks)
+        took["sync"] = time.monotonic() - t
+        t = time.monotonic()
+        with ThreadPoolExecutor(1) as fk:  # checks read the target only, so they run while it is validated
+            pending = [fk.submit(c) for c in checks]
+            validate_all(ctx, mid, full=full)
+            synced_shared = any([f.result() for f in pending])
+        if synced_shared:  # the checks wrote shared rows the validation may have read half-written: again
+            validate_all(ctx, mid, full=full, again=True)
+        took["validate"] = time.monotonic() - t
+        t = time.monotonic()
+        storage.result()
+        took["storage_wait"] = time.monotonic() - t
+    t = time.monotonic()
+    report_path = go_no_go(ctx, mid)
+    took["go_no_go"] = time.monotonic() - t
+    if switch:
+        t = time.monotonic()
+        switchover(ctx, mid)
+        took["switch"] = time.monotonic() - t
+    took["total"] = time.monotonic() - t0
+    ctx.log("write window: " + ", ".join(f"{k} {v:.3f}s" for k, v in took.items())
+            + ("" if switch else " (route not switched: waiting for approval)"))
+    return {"report": str(report_path), "switched": switch, "seconds": {k: round(v, 3) for k, v in took.items()}}
 
 
 def release(ctx: MoveContext, mid: int | None) -> str:

@@ -1,8 +1,8 @@
-from orgmover_airflow.operators.move import (CatchUpOperator, CleanupSourceOperator, ReplicateFinalOperator, ReplicateOperator, CopyTableOperator, PrecopyDoneOperator, SyncAllOperator, ValidateAllOperator, GoNoGoOperator,
-                                             MaintenanceOnOperator, OrgMoveBaseOperator, PlanOperator,
-                                             PreflightOperator, PrepareTargetOperator, ReleaseOperator,
-                                             RollbackOperator, SummaryOperator, SwitchoverOperator)
+from orgmover_airflow.operators.move import (CatchUpOperator, CleanupSourceOperator, CopyTableOperator, OrgMoveBaseOperator,
+                                             PlanOperator, PrecopyDoneOperator, PreflightOperator, PrepareTargetOperator,
+                                             ReleaseOperator, ReplicateOperator, RollbackOperator, SummaryOperator,
+                                             SwitchoverOperator, WriteWindowOperator)
 
-__all__ = ["CatchUpOperator", "CleanupSourceOperator", "ReplicateFinalOperator", "ReplicateOperator", "CopyTableOperator", "PrecopyDoneOperator", "SyncAllOperator", "ValidateAllOperator", "GoNoGoOperator", "MaintenanceOnOperator",
-           "OrgMoveBaseOperator", "PlanOperator", "PreflightOperator", "PrepareTargetOperator", "ReleaseOperator",
-           "RollbackOperator", "SummaryOperator", "SwitchoverOperator"]
+__all__ = ["CatchUpOperator", "CleanupSourceOperator", "CopyTableOperator", "OrgMoveBaseOperator", "PlanOperator",
+           "PrecopyDoneOperator", "PreflightOperator", "PrepareTargetOperator", "ReleaseOperator", "ReplicateOperator",
+           "RollbackOperator", "SummaryOperator", "SwitchoverOperator", "WriteWindowOperator"]

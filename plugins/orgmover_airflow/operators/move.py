@@ -105,15 +105,6 @@ class PlanOperator(OrgMoveBaseOperator):
         return mover.make_plan(self.move_context(), self.mid)
 
 
-class MaintenanceOnOperator(OrgMoveBaseOperator):
-    """Blocks the org's writes in the Topology Service (setup of the maintenance window)."""
-
-    ui_color = "#fde2e1"
-
-    def run_phase(self, context: Any):
-        mover.maintenance_on(self.move_context(), self.mid)
-
-
 class PrepareTargetOperator(OrgMoveBaseOperator):
     """Clears rows of an earlier window from the target and copies the shared rows the org references."""
 
@@ -150,44 +141,23 @@ class CatchUpOperator(OrgMoveBaseOperator):
         return mover.catch_up(self.move_context(), self.mid, self.max_passes, self.settle_seconds)
 
 
-class SyncAllOperator(OrgMoveBaseOperator):
-    """The write window in one task: shared rows, every table's changes since the pre-copy (tables in
-    parallel), deletions, foreign keys. Returns the tables to validate."""
+class WriteWindowOperator(OrgMoveBaseOperator):
+    """The write window in one task (between tasks, writes would stay blocked while the scheduler
+    starts the next): maintenance on, rows and storage synced at once, foreign keys checked while the
+    rows are validated, go/no-go (the readable report), then the route switched unless ``switch`` is
+    false (a person approves first). Setup of the maintenance window: the ``release`` teardown lifts
+    maintenance if it fails. A retry resumes: each step records its progress."""
 
     ui_color = "#fde2e1"
+    template_fields = ("migration_id", "switch", "full")
 
-    def __init__(self, *, workers: int = 2, **kwargs: Any):
+    def __init__(self, *, switch: bool | str = True, full: bool | str = False, **kwargs: Any):
         super().__init__(**kwargs)
-        self.workers = workers
+        self.switch, self.full = switch, full
 
     def run_phase(self, context: Any):
-        return mover.sync_all(self.move_context(), self.mid, self.workers)
-
-
-class ValidateAllOperator(OrgMoveBaseOperator):
-    """Checksums of every table on both cells (each cell on its own connection, in parallel); row-level
-    diff where they differ. In the window, against the baseline: only rows written since are compared,
-    unless ``full``. Re-running it skips tables already passed in this window."""
-
-    ui_color = "#f3e8fd"
-    template_fields = ("migration_id", "full")
-
-    def __init__(self, *, full: bool | str = False, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.full = full
-
-    def run_phase(self, context: Any):
-        full = self.full if isinstance(self.full, bool) else str(self.full).strip().lower() == "true"
-        return mover.validate_all(self.move_context(), self.mid, full=full or None)
-
-
-class GoNoGoOperator(OrgMoveBaseOperator):
-    """Writes the validation report; fails (no switch) on any difference."""
-
-    ui_color = "#f3e8fd"
-
-    def run_phase(self, context: Any):
-        return str(mover.go_no_go(self.move_context(), self.mid))
+        flag = lambda v: v if isinstance(v, bool) else str(v).strip().lower() == "true"  # noqa: E731
+        return mover.write_window(self.move_context(), self.mid, switch=flag(self.switch), full=flag(self.full) or None)
 
 
 class SwitchoverOperator(OrgMoveBaseOperator):
@@ -278,12 +248,3 @@ class ReplicateOperator(OrgMoveBaseOperator):
     def run_phase(self, context: Any):
         status = mover.replicate(self.move_context(), self.mid)
         return {k: {"total": v["total"], "synced": v["synced"], "verified": v["verified"]} for k, v in status.items()}
-
-
-class ReplicateFinalOperator(OrgMoveBaseOperator):
-    """In the write window: a last pass; anything not synced and verified fails the move before the switch."""
-
-    ui_color = "#fde2e1"
-
-    def run_phase(self, context: Any):
-        mover.replicate_final(self.move_context(), self.mid)
