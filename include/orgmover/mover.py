@@ -616,7 +616,7 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
         with dst_cell.connect() as c:
             return read_foreign_keys(c)
 
-    catalog_future = background.submit(target_catalog) if not writable else None
+    catalog_future = background.submit(target_catalog) if not writable and later is None else None  # later: the check reads it
     blocked = background.submit(_require_maintenance, ctx, m) if not writable else None
     background.shutdown(wait=False)
     # what was written since the last sync (the pre-copy, or the last catch-up)
@@ -1187,6 +1187,14 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
 
     m = ctx.tracking.get(mid)
     plan = load_plan(ctx, mid)
+    if full is None:
+        full = bool((m.get("options") or {}).get("full_validation")) or os.environ.get("ORGMOVER_FULL_VALIDATION") == "1"
+    reads = ThreadPoolExecutor(1)
+    # in the window, what was written since the baseline on either cell, read while the rest is looked up;
+    # only read: the window's last read (a retry reads the same again; the slots go with the switch)
+    written_since = reads.submit(_captured_both, ctx, m, plan, (m.get("options") or {}).get("baseline_lsn"), False) \
+        if not full and m["maintenance_window"] else None
+    reads.shutdown(wait=False)
     rows = {t["table_name"]: t for t in ctx.tracking.tables(mid, ["strategy", "chunk_column", "baseline", "sync_detail",
                                                                  "synced_in_window", "validated_in_window", "validation_state"])}
     todo = [t for t, r in sorted(rows.items()) if again or not (r["validated_in_window"] == m["maintenance_window"]
@@ -1198,13 +1206,10 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     lookups = [t for t in todo if plan.tables[t].strategy == "shared" and not plan.tables[t].insert_missing]
     summed = [t for t in todo if t not in lookups]
     chunking = _chunking_of(ctx, mid, plan, rows, summed)
-    if full is None:
-        full = bool((m.get("options") or {}).get("full_validation")) or os.environ.get("ORGMOVER_FULL_VALIDATION") == "1"
     t0 = time.monotonic()
     only: dict[str, list[int]] = {}
-    if not full and m["maintenance_window"]:
-        # only read: the window's last read (a retry reads the same again; the slots go with the switch)
-        captured, on_target = _captured_both(ctx, m, plan, (m.get("options") or {}).get("baseline_lsn"), advance=False)
+    if written_since is not None:
+        captured, on_target = written_since.result()
         if captured is not None and on_target is not None:
             captured.update(on_target)  # written on either cell since the baseline
             only = _incremental_chunks(plan, rows, chunking, captured, m)
@@ -1244,7 +1249,7 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
             return lookup_validation(s, d, plan.tables[t])
 
     written_rows: dict[str, tuple[str, dict]] = {}
-    with ThreadPoolExecutor(4) as ex:  # four tables at a time, each on its own connections (mostly waiting)
+    with ThreadPoolExecutor(5) as ex:  # four tables at a time and the lookups, each on its own connections (mostly waiting)
         looked = {t: ex.submit(look_up, t) for t in todo if t in lookups}
         for t, cond, diff in ex.map(compare_written, [t for t in todo if t in only and captured.of(t)] if only else []):
             written_rows[t] = (cond, diff)
@@ -1325,9 +1330,11 @@ def go_no_go(ctx: MoveContext, mid: int) -> Path:
     ctx.reports_dir.mkdir(parents=True, exist_ok=True)
     path = ctx.reports_dir / f"migration-{mid}-validation.txt"
     path.write_text(text)
-    ok = not pending and not failed
-    ctx.tracking.update(mid, validation={"ok": ok, "report": str(path), "failed": [t["table_name"] for t in failed],
-                                         "pending": pending})
+    ok = not pending and not failed and (not repl_status or repl_done)
+    validation = {"ok": not pending and not failed, "report": str(path), "failed": [t["table_name"] for t in failed],
+                  "pending": pending}
+    if not ok:
+        ctx.tracking.update(mid, validation=validation)
     ctx.log(text)
     if pending:
         raise ValidationFailed(f"tables not validated: {', '.join(pending)} (report: {path})")
@@ -1336,7 +1343,7 @@ def go_no_go(ctx: MoveContext, mid: int) -> Path:
     if failed:
         raise ValidationFailed(f"{len(failed)} tables differ between cells: "
                                f"{', '.join(t['table_name'] for t in failed)}; route not switched (report: {path})")
-    ctx.tracking.transition(mid, "validated", ("validating", "quiesced", "validated"))
+    ctx.tracking.transition(mid, "validated", ("validating", "quiesced", "validated"), validation=validation)
     ctx.tracking.phase_finished(mid, "validate")
     return path
 
@@ -1593,7 +1600,9 @@ def replicate(ctx: MoveContext, mid: int, max_passes: int = 5, in_window: bool =
 
 def replication_state(ctx: MoveContext, mid: int) -> tuple[bool, str, dict]:
     """(everything synced and verified, readable report of what is not, status per data type)."""
-    _, reg, *_ = _replication(ctx, mid)
+    from orgmover.replication import Registry
+
+    reg = Registry(ctx.tracking, mid)
     return reg.complete(), reg.stuck_report(), reg.status()
 
 

@@ -92,6 +92,9 @@ class Handler(Protocol):
 MAX_MISMATCHES_PER_RUN = 3  # re-syncs of one item in one run before it waits for its backoff
 
 
+_SCHEMA_READY: set[str] = set()
+
+
 class Registry:
     """The replication registry of one migration."""
 
@@ -100,8 +103,10 @@ class Registry:
         self.t, self.mid = tracking, migration_id
         self.rng = rng or random.Random()
         self.retry_delay = retry_delay or (lambda n, missing: backoff_seconds(n, missing, self.rng))
-        with self.t.conn() as c:
-            c.execute(SCHEMA)
+        if tracking.dsn not in _SCHEMA_READY:  # once per process: DDL locks the catalog, even when there is nothing to do
+            with self.t.conn() as c:
+                c.execute(SCHEMA)
+            _SCHEMA_READY.add(tracking.dsn)
 
     # ------------------------------------------------------------------ scanning
     def register(self, items: Iterable[Replicable]) -> dict:
