@@ -260,6 +260,49 @@ def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, se
     assert route["cell"] == "cell-1" and not route["maintenance"]
 
 
+def test_no_sync_or_switch_while_writes_are_not_blocked(devenv, seeded, ctx, tmp_root):
+    """The window's steps check that the org's writes are blocked for this migration: a sync run with
+    the org writable is refused before it writes anything. A context that blocked the writes itself
+    does not ask the Topology Service again in the same window, but the switch does: if maintenance
+    was lifted behind the mover's back meanwhile (writes may have happened), it refuses and the route
+    stays on the source."""
+    org = seeded["beth"]
+    topo = devenv.topology()
+    src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
+    keys = devenv.resolve_cell("legacy").db_key_base, devenv.resolve_cell("cell-1").db_key_base
+    mid = mover.preflight(ctx, org.id, "legacy", "cell-1", "not-blocked")
+    try:
+        mover.copy_tables(ctx, mid, (mover.make_plan(ctx, mid), mover.prepare_target(ctx, mid))[0])
+        mover.precopy_done(ctx, mid)
+        mover.catch_up(ctx, mid)
+        with psycopg.connect(src_dsn) as c:
+            c.execute("UPDATE issues SET title = 'written while writable' WHERE id = (SELECT min(i.id) FROM issues i "
+                      "JOIN namespaces n ON n.id = i.namespace_id WHERE n.organization_id = %s)", (org.id,))
+        before = snapshot(dst_dsn, keys[1])
+        with pytest.raises(StateError, match=f"not in maintenance for migration #{mid}"):
+            mover.sync_all(ctx, mid)
+        assert snapshot(dst_dsn, keys[1]) == before
+
+        mover.maintenance_on(ctx, mid)
+        route = topo.route(org.id)
+        topo.update_route(org.id, route["version"], maintenance=False, reason="lifted by hand")
+        another_task = devenv.context(reports_dir=tmp_root / "reports", log=lambda *_: None)
+        with pytest.raises(StateError, match=f"not in maintenance for migration #{mid}"):
+            mover.sync_all(another_task, mid)
+        assert snapshot(dst_dsn, keys[1]) == before
+
+        mover.sync_all(ctx, mid)
+        mover.validate_all(ctx, mid)
+        mover.go_no_go(ctx, mid)
+        with pytest.raises(StateError, match="changed under the migration"):
+            mover.switchover(ctx, mid)
+    finally:
+        mover.release(ctx, mid)
+    route = topo.route(org.id)
+    assert route["cell"] == "legacy" and not route["maintenance"]
+    mover.rollback(ctx, mid)
+
+
 def test_a_target_row_changed_before_the_catch_up_is_still_found_in_the_window(devenv, seeded, ctx):
     """The catch-up moves the baseline forward; a row changed on the target behind the mover's back
     before it is in the target's slot, so its chunk is checksummed again (and differs) rather than

@@ -52,6 +52,8 @@ class MoveContext:
     log: Callable[[str], None] = field(default=log.info)
     chunk_rows: int = field(default_factory=lambda: int(os.environ.get("ORGMOVER_CHUNK_ROWS", "20000")))
     plans: dict = field(default_factory=dict, repr=False)
+    # migration id -> the route version at which this context blocked the org's writes itself
+    blocked: dict = field(default_factory=dict, repr=False)
 
     def cell(self, name: str) -> Cell:
         return self.resolve_cell(check_cell_name(name))
@@ -384,8 +386,11 @@ def maintenance_on(ctx: MoveContext, mid: int) -> None:
                 if route.get("maintenance_owner") != ctx.owner(mid):
                     raise StateError(f"organization {org} is in maintenance held by {route.get('maintenance_owner')}")
                 ctx.log(f"organization {org} already in maintenance for migration #{mid} (window {m['maintenance_window']})")
+                if route["version"] == m["route_version"]:
+                    ctx.blocked[mid] = route["version"]
                 return
             new = ctx.topology.update_route(org, route["version"], **block)
+        ctx.blocked[mid] = new["version"]
         # a new window: what changed since the pre-copy is synced and everything validated again in it
         ctx.tracking.transition(mid, "quiesced", ("copied", "failed", "quiesced", "validating", "validated"),
                                 maintenance_window=m["maintenance_window"] + 1,
@@ -396,6 +401,11 @@ def maintenance_on(ctx: MoveContext, mid: int) -> None:
 
 
 def _require_maintenance(ctx: MoveContext, m: dict) -> None:
+    """The org is in maintenance for this migration: read from the Topology Service, unless this context
+    blocked the writes itself at the route version the migration recorded (the window in one task);
+    either way the switch refuses a route that changed under the migration."""
+    if m["route_version"] is not None and ctx.blocked.get(m["id"]) == m["route_version"]:
+        return
     route = ctx.topology.route(m["organization_id"])
     if not route["maintenance"] or route.get("maintenance_owner") != ctx.owner(m["id"]):
         raise StateError(f"organization {m['organization_id']} is not in maintenance for migration #{m['id']}; "
@@ -1358,18 +1368,27 @@ def switchover(ctx: MoveContext, mid: int) -> dict:
     with _phase(ctx, mid, "switchover"):
         if m["state"] not in ("validated", "switching"):
             raise StateError(f"migration #{mid} is {m['state']}; only a validated migration is switched")
-        route = ctx.topology.route(org)
-        if route["cell"] == m["target_cell"] and not route["maintenance"]:
-            new = route  # an earlier attempt switched and lost the answer
-        else:
-            if route["cell"] != m["source_cell"] or route.get("maintenance_owner") != ctx.owner(mid):
-                raise StateError(f"route of organization {org} changed under the migration: {route}")
+        switch = dict(cell=m["target_cell"], maintenance=False, reason=f"moved from {m['source_cell']} by migration #{mid}")
+        new = None
+        if m["state"] == "validated" and m["route_version"] is not None:
             ctx.tracking.transition(mid, "switching", ("validated", "switching"))
-            try:
-                new = ctx.topology.update_route(org, route["version"], cell=m["target_cell"], maintenance=False,
-                                                reason=f"moved from {m['source_cell']} by migration #{mid}")
-            except VersionConflict as e:
-                raise StateError(f"route of organization {org} changed concurrently: {e.current}") from e
+            try:  # unchanged since maintenance went on for this window: switched without reading it again
+                new = ctx.topology.update_route(org, m["route_version"], **switch)
+            except VersionConflict:
+                new = None
+        if new is None:
+            route = ctx.topology.route(org)
+            if route["cell"] == m["target_cell"] and not route["maintenance"]:
+                new = route  # an earlier attempt switched and lost the answer
+            else:
+                if route["cell"] != m["source_cell"] or route.get("maintenance_owner") != ctx.owner(mid):
+                    raise StateError(f"route of organization {org} changed under the migration: {route}")
+                ctx.tracking.transition(mid, "switching", ("validated", "switching"))
+                try:
+                    new = ctx.topology.update_route(org, route["version"], **switch)
+                except VersionConflict as e:
+                    raise StateError(f"route of organization {org} changed concurrently: {e.current}") from e
+        ctx.blocked.pop(mid, None)
         now = datetime.now(timezone.utc)
         ctx.tracking.transition(mid, "completed", ("switching", "validated"), switched_at=now, maintenance_ended_at=now,
                                 route_version=new["version"])
@@ -1436,6 +1455,7 @@ def release(ctx: MoveContext, mid: int | None) -> str:
             raise StateError(f"organization {org} is routed to {route['cell']} while migration #{mid} is {m['state']}")
         ctx.topology.update_route(org, route["version"], maintenance=False, reason=f"migration #{mid} did not complete")
         ctx.log(f"organization {org}: maintenance lifted, route stays on {m['source_cell']}")
+    ctx.blocked.pop(mid, None)
     with ctx.tracking.conn() as c:
         c.execute("UPDATE orgmover.phases SET state = 'failed', finished_at = now() WHERE migration_id = %s "
                   "AND state = 'running'", (mid,))
