@@ -53,6 +53,23 @@ def test_move_org_with_the_dag(devenv, seeded, org_move_dag, ctx):
                          "WHERE p.organization_id = %s AND p.forked_from_project_id IS NOT NULL", (org.id,)).fetchone()[0] >= 1
 
 
+def test_the_write_window_is_one_task_with_release_as_its_teardown(org_move_dag):
+    """Writes are blocked from the start to the end of one task: the catch-up before it, the approval
+    gate after it; no task boundary inside the window. It is the setup the release teardown lifts
+    maintenance for, and it switches the route itself unless a person is to approve first."""
+    tasks = org_move_dag.task_dict
+    cutover = tasks["window.cutover"]
+    assert [t.task_id for t in cutover.upstream_list] == ["quiesce.catch_up"]
+    assert {t.task_id for t in cutover.downstream_list} == {"switchover.approval_gate", "release"}
+    assert cutover.is_setup and tasks["release"].is_teardown
+    assert [t.task_id for t in tasks["release"].upstream_list if t.is_setup] == ["window.cutover"]
+    assert [t for t in tasks if t.startswith(("sync.", "validate."))] == []  # the old window tasks are gone
+    for approval, switch in ((False, True), (True, False)):
+        rendered = cutover.render_template(cutover.switch, {"params": {"require_approval": approval}},
+                                           jinja_env=org_move_dag.get_template_env(force_sandboxed=False))
+        assert rendered is switch
+
+
 def test_dry_run_changes_nothing_and_writes_a_report(devenv, seeded, org_move_dag, ctx):
     org = seeded["gamma"]
     before = (_snap(devenv, "legacy"), _snap(devenv, "cell-1"), devenv.topology().route(org.id))
