@@ -258,6 +258,8 @@ def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, se
         raise
     route = topo.route(org.id)
     assert route["cell"] == "cell-1" and not route["maintenance"]
+    # the window's task retried after it switched (its answer lost): done, nothing changes
+    assert mover.write_window(ctx, mid)["switched"] is True and topo.route(org.id) == route
 
 
 def test_no_sync_or_switch_while_writes_are_not_blocked(devenv, seeded, ctx, tmp_root):

@@ -1429,6 +1429,10 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
     leaves the org in maintenance on the source (:func:`release`, the DAG's teardown, lifts it).
     Returns the validation report's path, whether the route was switched, and the seconds of each
     part and of the whole window."""
+    m = ctx.tracking.get(mid)
+    if m["state"] == "completed":  # a retry of a window that switched and then lost its task
+        ctx.log(f"migration #{mid} completed already: routed to {m['target_cell']} (route version {m['route_version']})")
+        return {"report": (m.get("validation") or {}).get("report"), "switched": True, "seconds": {}}
     _prepare_window(ctx, mid)
     t0 = time.monotonic()
     took: dict[str, float] = {}
