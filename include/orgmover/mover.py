@@ -1433,7 +1433,9 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
     if m["state"] == "completed":  # a retry of a window that switched and then lost its task
         ctx.log(f"migration #{mid} completed already: routed to {m['target_cell']} (route version {m['route_version']})")
         return {"report": (m.get("validation") or {}).get("report"), "switched": True, "seconds": {}}
+    t0 = time.monotonic()
     _prepare_window(ctx, mid)
+    prepared = time.monotonic() - t0  # writes still open: not part of the window
     t0 = time.monotonic()
     took: dict[str, float] = {}
     maintenance_on(ctx, mid)
@@ -1464,7 +1466,9 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
         took["switch"] = time.monotonic() - t
     took["total"] = time.monotonic() - t0
     ctx.log("write window: " + ", ".join(f"{k} {v:.3f}s" for k, v in took.items())
-            + ("" if switch else " (route not switched: waiting for approval)"))
+            + ("" if switch else " (route not switched: waiting for approval)")
+            + f"; prepared in {prepared:.3f}s before writes were blocked")
+    took["prepared_before"] = prepared
     return {"report": str(report_path), "switched": switch, "seconds": {k: round(v, 3) for k, v in took.items()}}
 
 
