@@ -1416,9 +1416,12 @@ def _prepare_window(ctx: MoveContext, mid: int, per_cell: int = 8) -> None:
         return c
 
     with ThreadPoolExecutor(4) as ex:
-        conns = list(ex.map(opened, [c for c in cells for _ in range(per_cell)]))
-    for c in conns:
-        release_connection(c)
+        futures = [ex.submit(opened, c) for c in cells for _ in range(per_cell)]
+    for f in futures:  # every one opened is given back, also when another failed (which then fails the task)
+        if f.exception() is None:
+            release_connection(f.result())
+    for f in futures:
+        f.result()
 
 
 def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | None = None) -> dict:
