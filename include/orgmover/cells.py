@@ -42,6 +42,13 @@ SESSION = ("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, MDY'; SET IntervalStyle 
            "SET extra_float_digits = 1; SET bytea_output = 'hex'")
 
 
+def fetched(cur: psycopg.Cursor, size: int):
+    """The rows of an executed (server-side) cursor, ``size`` at a time: a list per fetch, no cursor
+    call per row."""
+    while rows := cur.fetchmany(size):
+        yield from rows
+
+
 class _Idle:
     """Connections a task closed cleanly, kept a few seconds for its next ``Cell.connect`` to the same
     cell: in the write window a task opens a dozen connections, and each new one costs a backend start

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from orgmover.cells import fetched
+
 PLUGIN = "test_decoding"
 _HEAD = re.compile(r"^table (?P<table>.+?): (?P<action>INSERT|UPDATE|DELETE|TRUNCATE):(?P<rest>.*)$", re.S)
 # the common case, without parsing the tuple: a plain table name and a tuple that starts with an integer
@@ -38,11 +40,6 @@ class CaptureUnavailable(Exception):
 
 def slot_name(migration_id: int) -> str:
     return f"orgmover_migration_{int(migration_id)}"
-
-
-def slot_exists(conn: psycopg.Connection, name: str) -> bool:
-    row = conn.execute("SELECT wal_status FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
-    return row is not None and row[0] != "lost"
 
 
 def create_slot(conn: psycopg.Connection, name: str) -> str:
@@ -69,6 +66,12 @@ def drop_slot(conn: psycopg.Connection, name: str) -> bool:
 
 
 _NO_SNAPSHOT: set[tuple] = set()  # cells where the role may not log a snapshot of running transactions
+# PostgreSQL 17+: a logical message written and flushed at once, outside any transaction
+_EMIT_FLUSHED = "pg_logical_emit_message(false, 'orgmover', 'window', true)::text"
+
+
+def _where(conn: psycopg.Connection) -> tuple:
+    return conn.info.host, conn.info.port, conn.info.dbname
 
 
 def _log_running(conn: psycopg.Connection) -> None:
@@ -76,7 +79,7 @@ def _log_running(conn: psycopg.Connection) -> None:
     restart point can only move to such a record, so without one it stays up to 15 s (the checkpointer's
     interval) or a long transaction behind what was confirmed, and every read decodes that WAL again,
     whatever else the cell wrote meanwhile. Optional: skipped where not permitted."""
-    where = (conn.info.host, conn.info.port, conn.info.dbname)
+    where = _where(conn)
     if conn.info.server_version < 160000 or where in _NO_SNAPSHOT:
         return
     try:
@@ -92,7 +95,7 @@ def flush_point(conn: psycopg.Connection) -> str:
     this, the last writes before the window could be missed."""
     _log_running(conn)
     if conn.info.server_version >= 170000:
-        return conn.execute("SELECT pg_logical_emit_message(false, 'orgmover', 'window', true)::text").fetchone()[0]
+        return conn.execute(f"SELECT {_EMIT_FLUSHED}").fetchone()[0]
     with conn.transaction():
         conn.execute("SET LOCAL synchronous_commit = on")
         lsn = conn.execute("SELECT pg_logical_emit_message(true, 'orgmover', 'window')::text").fetchone()[0]
@@ -104,12 +107,11 @@ def _slot_and_flush_point(conn: psycopg.Connection, name: str) -> tuple | None:
     PostgreSQL 17+ where the role may log running transactions, in one round trip with the snapshot
     and the flush point of :func:`flush_point` (in the window every round trip is writes blocked);
     otherwise the flush point is left to :func:`flush_point`."""
-    where = (conn.info.host, conn.info.port, conn.info.dbname)
+    where = _where(conn)
     if conn.info.server_version >= 170000 and where not in _NO_SNAPSHOT:
         try:
             with conn.transaction():
-                row = conn.execute("SELECT wal_status, confirmed_flush_lsn::text, pg_log_standby_snapshot(), "
-                                   "pg_logical_emit_message(false, 'orgmover', 'window', true)::text "
+                row = conn.execute(f"SELECT wal_status, confirmed_flush_lsn::text, pg_log_standby_snapshot(), {_EMIT_FLUSHED} "
                                    "FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
             return None if row is None else (row[0], row[1], row[3])
         except psycopg.errors.InsufficientPrivilege:
@@ -292,14 +294,14 @@ def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str
     row = _slot_and_flush_point(conn, name)
     if row is None or row[0] == "lost":
         raise CaptureUnavailable(f"replication slot {name} does not exist (dropped or invalidated)")
-    out.start, upto = row[1], row[2] or flush_point(conn)
-    out.upto = upto
+    out.start = row[1]
+    upto = out.upto = row[2] or flush_point(conn)
     with conn.transaction():
         with conn.cursor(name="om_changes") as cur:
             try:
                 cur.execute("SELECT data FROM pg_logical_slot_peek_changes(%s, %s::pg_lsn, NULL, 'include-xids', '0', "
                             "'skip-empty-xacts', '1')", (name, upto))
-                for (line,) in (r for rows in iter(lambda: cur.fetchmany(batch), []) for r in rows):
+                for (line,) in fetched(cur, batch):
                     if not line.startswith("table "):
                         continue
                     fast = _FAST.match(line)

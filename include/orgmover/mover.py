@@ -377,7 +377,7 @@ def maintenance_on(ctx: MoveContext, mid: int) -> None:
             try:  # unchanged since the catch-up saw it on the source, writable: blocked without reading it again
                 new = ctx.topology.update_route(org, seen, **block)
             except VersionConflict:
-                new = None
+                pass  # changed since: read and checked below
         if new is None:
             route = ctx.topology.route(org)
             if route["cell"] != m["source_cell"]:
@@ -1202,7 +1202,7 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     reads = ThreadPoolExecutor(1)
     # in the window, what was written since the baseline on either cell, read while the rest is looked up;
     # only read: the window's last read (a retry reads the same again; the slots go with the switch)
-    written_since = reads.submit(_captured_both, ctx, m, plan, (m.get("options") or {}).get("baseline_lsn"), False) \
+    written_since = reads.submit(_captured_both, ctx, m, plan, (m.get("options") or {}).get("baseline_lsn"), advance=False) \
         if not full and m["maintenance_window"] else None
     reads.shutdown(wait=False)
     rows = {t["table_name"]: t for t in ctx.tracking.tables(mid, ["strategy", "chunk_column", "baseline", "sync_detail",
@@ -1375,7 +1375,7 @@ def switchover(ctx: MoveContext, mid: int) -> dict:
             try:  # unchanged since maintenance went on for this window: switched without reading it again
                 new = ctx.topology.update_route(org, m["route_version"], **switch)
             except VersionConflict:
-                new = None
+                pass  # changed since: read and checked below
         if new is None:
             route = ctx.topology.route(org)
             if route["cell"] == m["target_cell"] and not route["maintenance"]:
@@ -1398,14 +1398,13 @@ def switchover(ctx: MoveContext, mid: int) -> dict:
     return new
 
 
-def _prepare_window(ctx: MoveContext, mid: int, per_cell: int = 8) -> None:
+def _prepare_window(ctx: MoveContext, m: dict, per_cell: int = 8) -> None:
     """Before writes are blocked: the plan loaded, and a window's worth of connections to each cell
     opened and kept idle for it (:class:`orgmover.cells._Idle`), each having read the catalog entries of
     the plan's tables once. Otherwise the window pays for backend starts (3-5 ms each) and each
     backend's first look at every table it touches, inside the write pause (in the DAG, the window's
     task starts with no connection at all)."""
-    m = ctx.tracking.get(mid)
-    plan = load_plan(ctx, mid)
+    plan = load_plan(ctx, m["id"])
     touch = "; ".join(f"SELECT FROM {qi(t)} LIMIT 0" for t, tp in sorted(plan.tables.items()) if tp.strategy != "skip")
     cells = [ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])]
 
@@ -1437,7 +1436,7 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
         ctx.log(f"migration #{mid} completed already: routed to {m['target_cell']} (route version {m['route_version']})")
         return {"report": (m.get("validation") or {}).get("report"), "switched": True, "seconds": {}}
     t0 = time.monotonic()
-    _prepare_window(ctx, mid)
+    _prepare_window(ctx, m)
     prepared = time.monotonic() - t0  # writes still open: not part of the window
     t0 = time.monotonic()
     took: dict[str, float] = {}

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 import psycopg
 
 from orgmover.catalog import Catalog
+from orgmover.cells import fetched
 from orgmover.plan import Plan, TablePlan, qi, ql
 from orgmover.secrets import ColumnSpec, SecretError
 
@@ -140,8 +141,7 @@ def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, name: str, batch: int
     with conn.transaction():
         with conn.cursor(name=name) as cur:
             cur.execute(sql)
-            while rows := cur.fetchmany(batch):  # a list per fetch: no per-row cursor call
-                yield from rows
+            yield from fetched(cur, batch)
 
 
 def _merge_diff(src_iter, dst_iter, samples: int) -> DiffResult:
@@ -245,7 +245,7 @@ def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, n
     with conn.transaction():
         with conn.cursor(name=name) as cur:
             cur.execute(sql)
-            for row in (r for rows in iter(lambda: cur.fetchmany(5000), []) for r in rows):
+            for row in fetched(cur, 5000):
                 h = hashlib.sha256()
                 for i, spec in enumerate(specs):
                     try:
