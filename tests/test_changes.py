@@ -220,13 +220,19 @@ def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, se
     """The window is one call (one DAG task): maintenance on, sync, validate, go/no-go; here without the
     switch (a person approves first), so the org stays blocked on the source, validated. Maintenance
     goes on by a compare-and-set against the route version the catch-up saw; a route changed since
-    (another owner's maintenance) is read again and refused, changing nothing; once it is free, the
-    window runs and syncs and compares only what was written after the catch-up."""
+    (another owner's maintenance) is read again and refused, changing nothing; so is a window whose
+    target cell cannot be reached (before writes are blocked); once both are fine, the window runs and
+    syncs and compares only what was written after the catch-up."""
+    import dataclasses
     from pathlib import Path
+
+    from orgmover.errors import ConfigError
+    from orgmover.localpg import free_port
 
     org = seeded["aleph"]
     topo = devenv.topology()
-    src_dsn = devenv.resolve_cell("legacy").dsn
+    src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
+    keys = devenv.resolve_cell("legacy").db_key_base, devenv.resolve_cell("cell-1").db_key_base
     mid = mover.preflight(ctx, org.id, "legacy", "cell-1", "one-window")
     try:
         mover.copy_tables(ctx, mid, (mover.make_plan(ctx, mid), mover.prepare_target(ctx, mid))[0])
@@ -234,10 +240,21 @@ def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, se
         mover.catch_up(ctx, mid)
         seen = ctx.tracking.get(mid)["options"]["open_route_version"]
         assert seen == topo.route(org.id)["version"]
+        cells_before = snapshot(src_dsn, keys[0]), snapshot(dst_dsn, keys[1])
+
+        unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/gitlab"
+        cut_off = dataclasses.replace(ctx, resolve_cell=lambda name: dataclasses.replace(
+            devenv.resolve_cell(name), dsn=unreachable) if name == "cell-1" else devenv.resolve_cell(name))
+        with pytest.raises(ConfigError, match="cell cell-1: PostgreSQL is not reachable"):
+            mover.write_window(cut_off, mid)
+        route = topo.route(org.id)
+        assert route["version"] == seen and not route["maintenance"] and ctx.tracking.get(mid)["state"] == "copied"
+
         held = topo.update_route(org.id, seen, maintenance=True, maintenance_owner="someone-else", reason="test")
         with pytest.raises(StateError, match="in maintenance held by someone-else"):
             mover.write_window(ctx, mid)
         assert topo.route(org.id) == held and ctx.tracking.get(mid)["state"] == "copied"
+        assert (snapshot(src_dsn, keys[0]), snapshot(dst_dsn, keys[1])) == cells_before
         topo.update_route(org.id, held["version"], maintenance=False, reason="test done")
         with psycopg.connect(src_dsn) as c:  # written after the catch-up
             c.execute("UPDATE issues SET title = 'in the window' WHERE id = (SELECT min(i.id) FROM issues i "
