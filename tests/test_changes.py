@@ -4,6 +4,8 @@ move with the slot and, when the slot is gone, with the fallback scan."""
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 
@@ -277,6 +279,96 @@ def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, se
     assert route["cell"] == "cell-1" and not route["maintenance"]
     # the window's task retried after it switched (its answer lost): done, nothing changes
     assert mover.write_window(ctx, mid)["switched"] is True and topo.route(org.id) == route
+
+
+def _first_issue(dsn: str, org_id: int) -> int:
+    with psycopg.connect(dsn) as c:
+        return c.execute("SELECT min(i.id) FROM issues i JOIN namespaces n ON n.id = i.namespace_id "
+                         "WHERE n.organization_id = %s", (org_id,)).fetchone()[0]
+
+
+def _caught_up(ctx, org, run_id: str) -> int:
+    mid = mover.preflight(ctx, org.id, "legacy", "cell-1", run_id)
+    mover.copy_tables(ctx, mid, (mover.make_plan(ctx, mid), mover.prepare_target(ctx, mid))[0])
+    mover.precopy_done(ctx, mid)
+    mover.catch_up(ctx, mid)
+    return mid
+
+
+def test_the_window_waits_for_transactions_writing_when_maintenance_went_on(devenv, seeded, ctx):
+    """A request that began writing before the org's writes were blocked commits after maintenance is
+    on. The window's sync waits for it before it reads the change stream: read before it commits,
+    its row would be missed, and lost with the switch."""
+    import threading
+
+    org = seeded["gimel"]
+    topo = devenv.topology()
+    src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
+    issue = _first_issue(src_dsn, org.id)
+    mid = _caught_up(ctx, org, "in-flight")
+    failed: list[BaseException] = []
+
+    def window():
+        try:
+            mover.write_window(ctx, mid)
+        except BaseException as e:  # noqa: BLE001 (reported by the test)
+            failed.append(e)
+
+    try:
+        with psycopg.connect(src_dsn) as writer:  # a transaction, writing before maintenance goes on
+            writer.execute("UPDATE issues SET title = 'committed in the window' WHERE id = %s", (issue,))
+            running = threading.Thread(target=window)
+            running.start()
+            deadline = time.monotonic() + 30
+            while not topo.route(org.id)["maintenance"] and time.monotonic() < deadline and running.is_alive():
+                time.sleep(0.05)
+            time.sleep(0.5)
+            assert running.is_alive() and not failed, failed  # waiting for the writer, nothing switched
+            route = topo.route(org.id)
+            assert route["cell"] == "legacy" and route["maintenance"]
+            writer.commit()
+        running.join(60)
+        assert not running.is_alive() and not failed, failed
+    except Exception:
+        mover.release(ctx, mid)
+        raise
+    assert topo.route(org.id)["cell"] == "cell-1"
+    with psycopg.connect(dst_dsn) as c:
+        assert c.execute("SELECT title FROM issues WHERE id = %s", (issue,)).fetchone()[0] == "committed in the window"
+    events = [e["message"] for e in ctx.tracking.events(mid)]
+    assert ctx.tracking.get(mid)["state"] == "completed", events
+
+
+def test_a_writer_still_running_after_the_timeout_fails_the_window_and_a_retry_syncs_it(devenv, seeded, ctx):
+    """A transaction still writing after the wait fails the window with its pid and statement; nothing
+    is synced, the org stays in maintenance on the source. Once it has committed, the retried window
+    syncs its row and switches."""
+    org = seeded["dalet"]
+    topo = devenv.topology()
+    src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
+    key = devenv.resolve_cell("cell-1").db_key_base
+    issue = _first_issue(src_dsn, org.id)
+    mid = _caught_up(ctx, org, "long-writer")
+    ctx.tracking.merge_options(mid, writers_timeout=1)
+    try:
+        before = snapshot(dst_dsn, key)
+        with psycopg.connect(src_dsn) as writer:
+            writer.execute("UPDATE issues SET title = 'a long transaction' WHERE id = %s", (issue,))
+            with pytest.raises(changes.WritersStillRunning,
+                               match=rf"still running after 1s: transaction \d+ \(pid {writer.info.backend_pid}, idle in "
+                                     rf"transaction in database gitlab\w* since .*: UPDATE issues SET title"):
+                mover.write_window(ctx, mid)
+            route = topo.route(org.id)
+            assert route["cell"] == "legacy" and route["maintenance"] and route["maintenance_owner"] == ctx.owner(mid)
+            assert snapshot(dst_dsn, key) == before
+            writer.commit()
+        out = mover.write_window(ctx, mid)
+    except Exception:
+        mover.release(ctx, mid)
+        raise
+    assert out["switched"] and topo.route(org.id)["cell"] == "cell-1"
+    with psycopg.connect(dst_dsn) as c:
+        assert c.execute("SELECT title FROM issues WHERE id = %s", (issue,)).fetchone()[0] == "a long transaction"
 
 
 def test_no_sync_or_switch_while_writes_are_not_blocked(devenv, seeded, ctx, tmp_root):

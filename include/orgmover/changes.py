@@ -20,11 +20,13 @@ no primary key and no replica identity) is marked for the fallback scan.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 import psycopg
 
 from orgmover.cells import fetched
+from orgmover.errors import StateError
 
 PLUGIN = "test_decoding"
 _HEAD = re.compile(r"^table (?P<table>.+?): (?P<action>INSERT|UPDATE|DELETE|TRUNCATE):(?P<rest>.*)$", re.S)
@@ -36,6 +38,11 @@ _FAST = re.compile(r"table (?P<table>[A-Za-z0-9_.$]+): (?P<action>INSERT|UPDATE|
 
 class CaptureUnavailable(Exception):
     """The slot cannot be created or read (e.g. wal_level is not logical, no free slot)."""
+
+
+class WritersStillRunning(StateError):
+    """Transactions that were writing on the cell when the org's writes were blocked are still running:
+    what they will commit cannot be synced yet (and must not be lost by switching without it)."""
 
 
 def slot_name(migration_id: int) -> str:
@@ -102,22 +109,76 @@ def flush_point(conn: psycopg.Connection) -> str:
     return lsn
 
 
-def _slot_and_flush_point(conn: psycopg.Connection, name: str) -> tuple | None:
-    """(wal_status, confirmed point, flush point or None) of the slot; None when it does not exist. On
-    PostgreSQL 17+ where the role may log running transactions, in one round trip with the snapshot
-    and the flush point of :func:`flush_point` (in the window every round trip is writes blocked);
-    otherwise the flush point is left to :func:`flush_point`."""
+# Writers: this statement takes a transaction id X (ids are handed out in order, so every transaction
+# writing now holds a smaller one) and gives it back unless, by its snapshot, none below X is running
+# (xmax = X: every smaller id had ended, or is in the in-progress list, which is empty).
+_WRITING = ("(SELECT CASE WHEN pg_snapshot_xmax(s) = x AND NOT EXISTS (SELECT FROM pg_snapshot_xip(s)) THEN NULL "
+            "ELSE x::text END FROM pg_current_snapshot() s, pg_current_xact_id() x)")
+
+
+def _slot_and_flush_point(conn: psycopg.Connection, name: str, writers: bool = False) -> tuple | None:
+    """(wal_status, confirmed point, flush point or None, writing transactions or None) of the slot;
+    None when it does not exist. On PostgreSQL 17+ where the role may log running transactions, in
+    one round trip with the snapshot and the flush point of :func:`flush_point` (in the window every
+    round trip is writes blocked); otherwise the flush point is left to :func:`flush_point`.
+    ``writers``: also the ids of the transactions writing on the cell at this moment."""
     where = _where(conn)
+    also = f", {_WRITING}" if writers else ", NULL"
     if conn.info.server_version >= 170000 and where not in _NO_SNAPSHOT:
         try:
             with conn.transaction():
-                row = conn.execute(f"SELECT wal_status, confirmed_flush_lsn::text, pg_log_standby_snapshot(), {_EMIT_FLUSHED} "
-                                   "FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
-            return None if row is None else (row[0], row[1], row[3])
+                row = conn.execute(f"SELECT wal_status, confirmed_flush_lsn::text, pg_log_standby_snapshot(), {_EMIT_FLUSHED}"
+                                   f"{also} FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
+            return None if row is None else (row[0], row[1], row[3], row[4])
         except psycopg.errors.InsufficientPrivilege:
             _NO_SNAPSHOT.add(where)
-    return conn.execute("SELECT wal_status, confirmed_flush_lsn::text, NULL FROM pg_replication_slots WHERE slot_name = %s",
-                        (name,)).fetchone()
+    return conn.execute(f"SELECT wal_status, confirmed_flush_lsn::text, NULL{also} FROM pg_replication_slots "
+                        "WHERE slot_name = %s", (name,)).fetchone()
+
+
+def wait_for_writers(conn: psycopg.Connection, timeout: float, before: str | None = "now") -> float:
+    """Wait until the transactions writing on the cell now (or, with ``before``, those holding a
+    transaction id below it: from :data:`_WRITING`, read after the org's writes were blocked) have
+    ended; returns the seconds waited. A request that began writing before maintenance went on may
+    commit after it: read before it ends, its rows would be missed by the window's sync and lost with
+    the switch. Transactions that start writing after maintenance is on are the application's to
+    refuse (it checks maintenance before it commits).
+
+    Transaction ids are the cluster's, so this also waits for other databases' and other orgs' writers
+    (a cell's writers are short; a long one is named in the error). ``conn`` in autocommit mode.
+    Raises :class:`WritersStillRunning` after ``timeout`` seconds, naming each transaction still running."""
+    t0 = time.monotonic()
+    if before == "now":
+        before = conn.execute(f"SELECT {_WRITING}").fetchone()[0]
+    delay = 0.002
+    while before is not None:
+        if conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot()) >= %s::text::xid8", (before,)).fetchone()[0]:
+            break
+        if time.monotonic() - t0 >= timeout:
+            raise WritersStillRunning(_writers(conn, before, timeout))
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return time.monotonic() - t0
+
+
+def _writers(conn: psycopg.Connection, before: str, timeout: float) -> str:
+    """Who holds a transaction id below ``before``: each backend's pid, database, start and statement
+    (what the role may see), and prepared transactions by their name."""
+    older = "age({0}) > age(%s::text::xid)"  # pg_stat_activity shows 32-bit ids: compared by age
+    short = str(int(before) % (1 << 32))
+    rows = conn.execute(
+        "SELECT backend_xid::text, pid, datname, xact_start, state, left(regexp_replace(query, '\\s+', ' ', 'g'), 120) "
+        f"FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND {older.format('backend_xid')} UNION ALL "
+        "SELECT transaction::text, NULL, database, prepared, 'prepared as ' || quote_literal(gid), NULL "
+        f"FROM pg_prepared_xacts WHERE {older.format('transaction')} ORDER BY 1", (short, short)).fetchall()
+    parts = [f"transaction {x} ({f'pid {pid}, ' if pid else ''}{state} in database {db} since {since:%H:%M:%S}"
+             f"{f': {query}' if query else ''})" for x, pid, db, since, state, query in rows] \
+        or ["none of them visible to this role"]
+    return (f"writes are blocked, but {len(rows) or 'some'} transaction(s) that were writing on the cell when maintenance went on "
+            f"are still running after {timeout:g}s: " + "; ".join(parts)
+            + ". They may write the org's rows, which the window cannot sync before they commit. Let them finish or "
+              "end them (pg_terminate_backend, or ROLLBACK PREPARED), then retry the window; the org stays in maintenance on the source "
+              "until then (release lifts it), and nothing was synced")
 
 
 def advance(conn: psycopg.Connection, name: str, lsn: str) -> None:
@@ -246,6 +307,7 @@ class CapturedChanges:
     changes: int = 0
     upto: str | None = None  # the LSN read up to (transactions committed before it)
     start: str | None = None  # the slot's confirmed point the read started from
+    waited: float = 0.0  # seconds the read waited for transactions writing when it began
 
     def of(self, table: str) -> set[tuple]:
         return self.keys.get(table, set())
@@ -268,11 +330,14 @@ class CapturedChanges:
 
 
 def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str]], schema: str = "public",
-                 batch: int = 5000) -> CapturedChanges:
+                 batch: int = 5000, writers_timeout: float | None = None) -> CapturedChanges:
     """The keys (``tables``: table -> key columns) of every row inserted, updated or deleted on the
     cell since the slot's confirmed point (its creation, or the last :func:`advance`), up to now
     (``upto`` of the result), without consuming the slot. Writes to a partition count for its
-    partitioned table. Streams the change lines; only keys are kept."""
+    partitioned table. Streams the change lines; only keys are kept.
+
+    ``writers_timeout`` (in the write window, on the source): "now" is after every transaction that
+    was writing when the read began has ended (:func:`wait_for_writers`)."""
     roots: dict[str, str | None] = {}
 
     def root(t: str) -> str | None:
@@ -291,11 +356,15 @@ def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str
             bare = _bare(written, schema)
             named[written] = root(bare) if bare is not None else None
         return named[written]
-    row = _slot_and_flush_point(conn, name)
+    row = _slot_and_flush_point(conn, name, writers=writers_timeout is not None)
     if row is None or row[0] == "lost":
         raise CaptureUnavailable(f"replication slot {name} does not exist (dropped or invalidated)")
     out.start = row[1]
-    upto = out.upto = row[2] or flush_point(conn)
+    upto = row[2]
+    if writers_timeout is not None and row[3]:  # their commits come after that flush point: read up to one after them
+        out.waited = wait_for_writers(conn, writers_timeout, row[3])
+        upto = None
+    upto = out.upto = upto or flush_point(conn)
     with conn.transaction():
         with conn.cursor(name="om_changes") as cur:
             try:

@@ -40,6 +40,9 @@ from orgmover.tracking import Tracking
 from orgmover.validation import encrypted_diff, fk_violations
 
 log = logging.getLogger("orgmover.mover")
+# seconds the window waits for transactions that were writing on the source when maintenance went on
+# (migration option ``writers_timeout``); Vitess's SwitchTraffic waits 30 s for the target to catch up
+WRITERS_TIMEOUT = 30.0
 
 
 @dataclass
@@ -629,10 +632,20 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
     catalog_future = background.submit(target_catalog) if not writable and later is None else None  # later: the check reads it
     blocked = background.submit(_require_maintenance, ctx, m) if not writable else None
     background.shutdown(wait=False)
-    # what was written since the last sync (the pre-copy, or the last catch-up)
-    captured = _captured_changes(ctx, m, src_cell, plan, after=(m.get("options") or {}).get("capture_synced_lsn"))
-    if blocked is not None:
-        blocked.result()
+    # what was written since the last sync (the pre-copy, or the last catch-up); in the window, up to after
+    # the transactions that were writing when the writes were blocked (they may still commit org rows)
+    writers = None if writable else float((m.get("options") or {}).get("writers_timeout", WRITERS_TIMEOUT))
+    try:
+        captured = _captured_changes(ctx, m, src_cell, plan, after=(m.get("options") or {}).get("capture_synced_lsn"),
+                                     writers_timeout=writers)
+        if captured is None and writers is not None:  # the scan below must see them committed too
+            from orgmover.changes import wait_for_writers
+
+            with src_cell.connect() as c:
+                wait_for_writers(c, writers)
+    finally:
+        if blocked is not None:
+            blocked.result()
     if writable and captured is None:
         ctx.log("no change capture: nothing to catch up; the write window scans the rows written since the pre-copy")
         return None
@@ -772,7 +785,8 @@ def _needs_shared_sync(plan: Plan, captured) -> bool:
 
 
 def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_option: str = "capture_slot",
-                      after: str | None = None, drained: bool = False, advance: bool = True):
+                      after: str | None = None, drained: bool = False, advance: bool = True,
+                      writers_timeout: float | None = None):
     """The keys written on ``cell`` (the source, or with ``slot_option="capture_target_slot"`` the
     target) since the read that went up to ``after`` (None: since the slot was created), from the
     change-capture slot: what it holds now is read, recorded in tracking, and the slot advanced
@@ -781,7 +795,8 @@ def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_op
     is merged in. ``drained``: only what was recorded, without reading the slot. ``advance=False``:
     the slot is only read (nothing recorded, the next read sees the same again). None when there
     is no usable slot (never opened, dropped by a release, invalidated): then every table is scanned
-    (validated in full)."""
+    (validated in full). ``writers_timeout``: read up to after the transactions writing when the read
+    began (:func:`orgmover.changes.wait_for_writers`)."""
     from orgmover import changes
 
     name = (m.get("options") or {}).get(slot_option)
@@ -791,7 +806,8 @@ def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_op
         t0 = time.monotonic()
         try:
             with cell.connect() as c:
-                got = changes.read_changes(c, name, {t: tp.key for t, tp in plan.tables.items() if tp.strategy != "skip"})
+                got = changes.read_changes(c, name, {t: tp.key for t, tp in plan.tables.items() if tp.strategy != "skip"},
+                                           writers_timeout=writers_timeout)
                 # recorded before the slot forgets it; when this read started at ``after`` it is all there is
                 # since, otherwise what was recorded since ``after`` is read back in the same transaction
                 if after is not None and got.start == after:
@@ -808,7 +824,8 @@ def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_op
             ctx.log(f"change capture on {cell.name}: {e}; scanning the rows written since the pre-copy instead")
             return None
         ctx.log(f"change capture on {cell.name}: {got.changes:,} row changes in the plan's tables since the last read "
-                f"({sum(len(k) for k in got.keys.values()):,} keys in {len(got.keys)} tables) read in {time.monotonic() - t0:.2f}s")
+                f"({sum(len(k) for k in got.keys.values()):,} keys in {len(got.keys)} tables) read in {time.monotonic() - t0:.2f}s"
+                + (f", after waiting {got.waited:.2f}s for transactions writing when maintenance went on" if got.waited else ""))
         out.upto = got.upto
         return out
     return ctx.tracking.captured(m["id"], name, after)
