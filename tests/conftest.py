@@ -39,7 +39,8 @@ TEST_ORGS = [("alpha", 700), ("beta", 4000), ("gamma", 2500), ("delta", 1500), (
              ("upsilon", 1000), ("phi", 700), ("chi", 700), ("psi", 1500),
              ("omega", 700),  # omega: tests/test_replication_dag.py (the sensor's timeout)
              ("aleph", 700), ("beth", 700),
-             ("gimel", 700), ("dalet", 700)]  # gimel, dalet: writers still running when maintenance goes on
+             ("gimel", 700), ("dalet", 700),  # gimel, dalet: writers still running when maintenance goes on
+             ("he", 700)]
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -223,8 +223,10 @@ def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, se
     switch (a person approves first), so the org stays blocked on the source, validated. Maintenance
     goes on by a compare-and-set against the route version the catch-up saw; a route changed since
     (another owner's maintenance) is read again and refused, changing nothing; so is a window whose
-    target cell cannot be reached (before writes are blocked); once both are fine, the window runs and
-    syncs and compares only what was written after the catch-up."""
+    target cell cannot be reached (before writes are blocked). Rows written after the catch-up task are
+    synced by the window's last catch-up pass, while the org is still writable; when that pass takes
+    longer than ``max_lag_seconds`` the window is refused with nothing blocked. Then the window has
+    nothing left to sync or compare row by row."""
     import dataclasses
     from pathlib import Path
 
@@ -257,26 +259,42 @@ def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, se
             mover.write_window(ctx, mid)
         assert topo.route(org.id) == held and ctx.tracking.get(mid)["state"] == "copied"
         assert (snapshot(src_dsn, keys[0]), snapshot(dst_dsn, keys[1])) == cells_before
-        topo.update_route(org.id, held["version"], maintenance=False, reason="test done")
+        released = topo.update_route(org.id, held["version"], maintenance=False, reason="test done")
+        first, last = _first_issue(src_dsn, org.id), _last_issue(src_dsn, org.id)
         with psycopg.connect(src_dsn) as c:  # written after the catch-up
-            c.execute("UPDATE issues SET title = 'in the window' WHERE id = (SELECT min(i.id) FROM issues i "
-                      "JOIN namespaces n ON n.id = i.namespace_id WHERE n.organization_id = %s)", (org.id,))
+            c.execute("UPDATE issues SET title = 'after the catch-up' WHERE id = %s", (first,))
+        # the window's last catch-up pass, while the org is writable: when it takes longer than allowed,
+        # the window is refused before anything is blocked (writes outpace the catch-up)
+        ctx.tracking.merge_options(mid, max_lag_seconds=0)
+        with pytest.raises(StateError, match=r"writes outpace the catch-up: its last pass synced \d+ rows .* Nothing was blocked"):
+            mover.write_window(ctx, mid)
+        route = topo.route(org.id)
+        assert route["version"] == released["version"] and not route["maintenance"]
+        assert ctx.tracking.get(mid)["state"] == "copied"
+        ctx.tracking.merge_options(mid, max_lag_seconds=30)
+        with psycopg.connect(src_dsn) as c:
+            c.execute("UPDATE issues SET title = 'after the refused window' WHERE id = %s", (last,))
 
         out = mover.write_window(ctx, mid, switch=False)
         assert out["switched"] is False and "RESULT: PASSED" in Path(out["report"]).read_text()
-        assert {"maintenance_on", "sync", "validate", "go_no_go", "total"} <= set(out["seconds"])
+        assert {"maintenance_on", "sync", "validate", "go_no_go", "total", "caught_up_before"} <= set(out["seconds"])
         route = topo.route(org.id)
         assert route["cell"] == "legacy" and route["maintenance"] and route["maintenance_owner"] == ctx.owner(mid)
         assert ctx.tracking.get(mid)["state"] == "validated"
+        # both rows were synced before writes were blocked: the window had nothing left to sync or compare
+        assert out["last_pass"][0]["rows"] == 1 and out["rows_synced_in_window"] == 0
         details = {t["table_name"]: t["sync_detail"] for t in ctx.tracking.tables(mid) if t["strategy"] == "org"}
-        assert details["issues"]["keys"] == 1 and all(d["changed"] == 0 for t, d in details.items() if t != "issues")
-        assert ctx.tracking.table(mid, "issues")["validation_detail"]["incremental"]["written_rows_compared"] == 1
+        assert all(d["changed"] == 0 for d in details.values())
+        assert ctx.tracking.table(mid, "issues")["validation_detail"]["incremental"]["written_rows_compared"] == 0
         mover.switchover(ctx, mid)
     except Exception:
         mover.release(ctx, mid)
         raise
     route = topo.route(org.id)
     assert route["cell"] == "cell-1" and not route["maintenance"]
+    with psycopg.connect(dst_dsn) as c:
+        assert c.execute("SELECT title FROM issues WHERE id = ANY(%s) ORDER BY id", ([first, last],)).fetchall() == \
+            [("after the catch-up",), ("after the refused window",)]
     # the window's task retried after it switched (its answer lost): done, nothing changes
     assert mover.write_window(ctx, mid)["switched"] is True and topo.route(org.id) == route
 
@@ -284,6 +302,12 @@ def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, se
 def _first_issue(dsn: str, org_id: int) -> int:
     with psycopg.connect(dsn) as c:
         return c.execute("SELECT min(i.id) FROM issues i JOIN namespaces n ON n.id = i.namespace_id "
+                         "WHERE n.organization_id = %s", (org_id,)).fetchone()[0]
+
+
+def _last_issue(dsn: str, org_id: int) -> int:
+    with psycopg.connect(dsn) as c:
+        return c.execute("SELECT max(i.id) FROM issues i JOIN namespaces n ON n.id = i.namespace_id "
                          "WHERE n.organization_id = %s", (org_id,)).fetchone()[0]
 
 
@@ -371,6 +395,45 @@ def test_a_writer_still_running_after_the_timeout_fails_the_window_and_a_retry_s
         assert c.execute("SELECT title FROM issues WHERE id = %s", (issue,)).fetchone()[0] == "a long transaction"
 
 
+def test_a_chunk_that_differs_in_the_baseline_is_compared_by_the_keys_that_differ(devenv, seeded, ctx):
+    """A baseline taken while the org writes has chunks that differ (rows written after their last sync).
+    The keys of the rows that differ are recorded with it, so the window compares those rows by key
+    instead of checksumming the chunk again; the rows of the chunk written after the baseline are in
+    the change stream and compared too (here one changed on the target behind the mover's back, which
+    the window reports with its key)."""
+    org = seeded["he"]
+    src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
+    first, last = _first_issue(src_dsn, org.id), _last_issue(src_dsn, org.id)
+    mid = _caught_up(ctx, org, "settled")
+    seen = {}
+
+    def written_after_the_last_pass():
+        with psycopg.connect(src_dsn) as c:  # not synced yet when the baseline is refreshed: its chunk differs
+            c.execute("UPDATE issues SET title = 'differs in the baseline' WHERE id = %s", (first,))
+        seen["refresh"] = mover.refresh_baseline(ctx, mid)
+        seen["settled"] = ctx.tracking.table(mid, "issues")["baseline"]["settled"]
+        with psycopg.connect(dst_dsn) as c:  # after the baseline, behind the mover's back
+            c.execute("UPDATE issues SET title = 'changed on the target' WHERE id = %s", (last,))
+
+    try:
+        with pytest.raises(ValidationFailed):
+            mover.write_window(ctx, mid, before_block=written_after_the_last_pass)
+        assert seen["refresh"]["rows_differ"] == 1 and seen["refresh"]["differ"] == 0
+        assert [[str(first)]] in seen["settled"].values()
+        detail = ctx.tracking.table(mid, "issues")["validation_detail"]
+        # no chunk checksummed again: the row that differed in the baseline and the one written on the
+        # target since were compared by key; the first matches (synced in the window), the other not
+        assert detail["incremental"]["rechecked_chunks"] == 0 and detail["incremental"]["rows_differing_in_baseline"] == 1
+        assert detail["incremental"]["written_rows_compared"] == 2
+        assert detail["written"]["matching"] == 1 and detail["written"]["mismatched"] == 1
+        assert detail["written"]["samples"]["mismatched"] == [f"({last})"]
+        route = devenv.topology().route(org.id)  # not switched: in maintenance on the source until the release
+        assert route["cell"] == "legacy" and route["maintenance"]
+    finally:
+        mover.release(ctx, mid)
+    mover.rollback(ctx, mid)
+
+
 def test_no_sync_or_switch_while_writes_are_not_blocked(devenv, seeded, ctx, tmp_root):
     """The window's steps check that the org's writes are blocked for this migration: a sync run with
     the org writable is refused before it writes anything. A context that blocked the writes itself
@@ -416,8 +479,8 @@ def test_no_sync_or_switch_while_writes_are_not_blocked(devenv, seeded, ctx, tmp
 
 def test_a_target_row_changed_before_the_catch_up_is_still_found_in_the_window(devenv, seeded, ctx):
     """The catch-up moves the baseline forward; a row changed on the target behind the mover's back
-    before it is in the target's slot, so its chunk is checksummed again (and differs) rather than
-    being taken into the new baseline as equal: the window finds it, with its key."""
+    before it is in the target's slot, so its chunk is checksummed again (and differs, the row's key
+    recorded) rather than being taken into the new baseline as equal: the window finds it, with its key."""
     org = seeded["chi"]
     dst_dsn = devenv.resolve_cell("cell-1").dsn
     mid = mover.preflight(ctx, org.id, "legacy", "cell-1", "catch-up-rot")
@@ -430,13 +493,14 @@ def test_a_target_row_changed_before_the_catch_up_is_still_found_in_the_window(d
                             (org.id,)).fetchone()[0]
         assert mover.catch_up(ctx, mid)["passes"][0]["chunks_rechecked"] >= 1
         base = ctx.tracking.table(mid, "merge_requests")["baseline"]
-        assert base["src"] != base["dst"]  # the new baseline knows that chunk differs
+        assert base["src"] != base["dst"]  # the new baseline knows that chunk differs, and which row
+        assert list(base["settled"].values()) == [[[str(bad)]]]
         mover.maintenance_on(ctx, mid)
         mover.sync_all(ctx, mid)
         with pytest.raises(ValidationFailed, match="1 tables differ between cells: merge_requests"):
             mover.validate_all(ctx, mid)
             mover.go_no_go(ctx, mid)
-        diff = ctx.tracking.table(mid, "merge_requests")["validation_detail"]["diff"]
+        diff = ctx.tracking.table(mid, "merge_requests")["validation_detail"]["written"]  # compared by key
         assert diff["mismatched"] == 1 and diff["samples"]["mismatched"] == [f"({bad})"]
     finally:
         mover.release(ctx, mid)

@@ -157,7 +157,7 @@ def wait_for_writers(conn: psycopg.Connection, timeout: float, before: str | Non
         if time.monotonic() - t0 >= timeout:
             raise WritersStillRunning(_writers(conn, before, timeout))
         time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        delay = min(delay * 2, 0.01)  # writes are blocked meanwhile: seen soon after they end
     return time.monotonic() - t0
 
 

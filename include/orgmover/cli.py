@@ -73,9 +73,8 @@ def run_move(ctx, org: int, source: str, target: str, run_id: str = "cli", befor
         mover.precopy_done(ctx, mid)
         mover.replicate(ctx, mid)
         mover.catch_up(ctx, mid)
-        if before_window:
-            before_window(mid)
-        mover.write_window(ctx, mid)
+        # before_window(mid): writes that land after the window's last catch-up pass, right before the block
+        mover.write_window(ctx, mid, before_block=(lambda: before_window(mid)) if before_window else None)
     except Exception as e:
         ctx.tracking.update(mid, error=str(e)[:4000])
         mover.release(ctx, mid)

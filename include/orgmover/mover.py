@@ -14,10 +14,11 @@ resumes from what is recorded. Invariants:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +44,10 @@ log = logging.getLogger("orgmover.mover")
 # seconds the window waits for transactions that were writing on the source when maintenance went on
 # (migration option ``writers_timeout``); Vitess's SwitchTraffic waits 30 s for the target to catch up
 WRITERS_TIMEOUT = 30.0
+# seconds the window's last catch-up pass may take and writes still be blocked after it (migration option
+# ``max_lag_seconds``): the writes made during it are what the window syncs; like Vitess's
+# --max-replication-lag-allowed (30 s), a switch is not started while the target lags further behind
+MAX_LAG = 30.0
 
 
 @dataclass
@@ -85,7 +90,7 @@ def load_plan(ctx: MoveContext, mid: int) -> Plan:
     cached = ctx.plans.get(mid)
     if cached is not None:
         return cached
-    m = ctx.tracking.get(mid)
+    m = ctx.tracking.get(mid, plan=True)
     if not m["plan"]:
         raise StateError(f"migration {mid} has no plan yet; run the plan phase first")
     ctx.plans[mid] = Plan.from_dict(m["plan"])
@@ -1035,10 +1040,14 @@ def prevalidate(ctx: MoveContext, mid: int) -> dict:
     _open_target_capture(ctx, mid)
     marks = _baseline_marks(ctx, mid, plan)  # read before the checksums: what is written after is read later
     t0 = time.monotonic()
-    n, differ = _record_baseline(ctx, m, plan, rows, chunking, {t: None for t in org}, marks)
-    ctx.log(f"baseline checksums of {n} chunks in {len(org)} tables in "
-            f"{time.monotonic() - t0:.2f}s ({differ} chunks differ: written since their copy, re-checked in the window)")
-    return {"tables": len(org), "chunks_differ": differ}
+    n, differ, settled = _record_baseline(ctx, m, plan, rows, chunking, {t: None for t in org}, marks)
+    ctx.log(f"baseline checksums of {n} chunks in {len(org)} tables in {time.monotonic() - t0:.2f}s ({_differ(differ, settled)})")
+    return {"tables": len(org), "chunks_differ": differ, "rows_differ": settled}
+
+
+def _differ(chunks: int, rows: int) -> str:
+    return (f"{chunks} chunks differ (written since their copy; checksummed again in the window)"
+            + (f", {rows} rows differ (written since their copy; compared by key in the window)" if rows else ""))
 
 
 def _record_baseline(ctx: MoveContext, m: dict, plan: Plan, rows: dict, chunking: dict,
@@ -1047,27 +1056,47 @@ def _record_baseline(ctx: MoveContext, m: dict, plan: Plan, rows: dict, chunking
     their recorded checksums), compare the secrets decrypted (the checksums leave them out), record
     that as the tables' baseline, then ``marks`` as its starting points (in that order: a task killed
     in between leaves the older, earlier points, so the window compares more, never less). Returns
-    (chunks checksummed, chunks whose checksums differ between the cells)."""
+    (chunks checksummed, chunks whose checksums differ between the cells, rows that differ).
+
+    Where an org table's chunk differs (rows written on the source since they were last synced), the
+    keys of the rows that differ are looked up (while the org is writable) and recorded with the
+    baseline, up to 1,000 per chunk: the window compares those rows by key, like the rows written
+    since the baseline, instead of checksumming the whole chunk again. That is enough: every other
+    row of the chunk was equal on both cells when looked up, and any row written since then is in
+    the change stream read from ``marks`` (read before the checksums), so it is compared too."""
+    from orgmover.pgcopy import bucket_sql
+    from orgmover.validation import differing_keys
+
     src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
     at = datetime.now(timezone.utc).isoformat()
     tables = sorted(redo)
     src, dst = _chunk_sums_both(src_cell, dst_cell, plan, tables, chunking,
                                 {t: c for t, c in redo.items() if c is not None})
-    updates, differ = {}, 0
+    updates, differ, settled_rows = {}, 0, 0
     with src_cell.connect() as s, dst_cell.connect() as d:
         for t in tables:
+            tp = plan.tables[t]
             old = rows[t].get("baseline") if redo[t] is not None else None
             new = {"at": at}
             for side, sums in (("src", src[t]), ("dst", dst[t])):
                 kept = {k: v for k, v in old[side].items() if int(k) not in redo[t]} if old else {}
                 new[side] = {**kept, **{str(k): list(v) for k, v in sums.items()}}
-            differ += sum(1 for k in set(new["src"]) | set(new["dst"]) if new["src"].get(k) != new["dst"].get(k))
-            if plan.tables[t].encrypted:
-                new["secrets_equal"] = encrypted_diff(s, d, plan.tables[t], src_cell.key, dst_cell.key).ok
+            new["settled"] = {}  # chunk -> keys of the rows that differ (a differing chunk is always checksummed again)
+            column, lows = chunking[t]
+            for k in sorted({k for k in set(new["src"]) | set(new["dst"]) if new["src"].get(k) != new["dst"].get(k)}, key=int):
+                keys = differing_keys(s, d, tp, f"{bucket_sql(column, lows)} = {int(k)}" if column and lows else "true") \
+                    if tp.strategy == "org" else None
+                if keys is None:
+                    differ += 1
+                else:
+                    new["settled"][k] = [list(x) for x in keys]
+                    settled_rows += len(keys)
+            if tp.encrypted:
+                new["secrets_equal"] = encrypted_diff(s, d, tp, src_cell.key, dst_cell.key).ok
             updates[t] = {"baseline": {**(old or {}), **new}}
     ctx.tracking.update_tables(m["id"], updates)
     ctx.tracking.merge_options(m["id"], baseline_lsn=marks)
-    return sum(len(v) for v in src.values()), differ
+    return sum(len(v) for v in src.values()), differ, settled_rows
 
 
 def _captured_both(ctx: MoveContext, m: dict, plan: Plan, marks: dict | None = None, advance: bool = True) -> tuple:
@@ -1126,11 +1155,11 @@ def refresh_baseline(ctx: MoveContext, mid: int) -> dict:
         ctx.tracking.merge_options(mid, baseline_lsn=new_marks)
         return {"chunks": 0}
     t0 = time.monotonic()
-    _, differ = _record_baseline(ctx, m, plan, rows, chunking, redo, new_marks)
+    _, differ, settled = _record_baseline(ctx, m, plan, rows, chunking, redo, new_marks)
     n = sum(len(c) for c in redo.values())
     ctx.log(f"baseline refreshed: {n} chunks in {len(redo)} tables checksummed again in {time.monotonic() - t0:.2f}s "
-            f"({differ} differ)")
-    return {"chunks": n, "tables": len(redo), "differ": differ}
+            f"({_differ(differ, settled)})")
+    return {"chunks": n, "tables": len(redo), "differ": differ, "rows_differ": settled}
 
 
 def catch_up(ctx: MoveContext, mid: int, max_passes: int = 5, settle_seconds: float = 2.0) -> dict:
@@ -1145,8 +1174,7 @@ def catch_up(ctx: MoveContext, mid: int, max_passes: int = 5, settle_seconds: fl
         t0 = time.monotonic()
         if sync_all(ctx, mid, writable=True) is None:  # no usable capture slot: the window scans instead
             break
-        rows = sum((t["sync_detail"] or {}).get("changed", 0) for t in ctx.tracking.tables(mid, ["strategy", "sync_detail"])
-                   if t["strategy"] == "org")
+        rows = _rows_synced(ctx, mid)
         base = refresh_baseline(ctx, mid)
         took = time.monotonic() - t0
         passes.append({"rows": rows, "chunks_rechecked": base["chunks"], "seconds": round(took, 3)})
@@ -1178,8 +1206,9 @@ def _open_target_capture(ctx: MoveContext, mid: int) -> None:
 
 def _incremental_chunks(plan: Plan, rows: dict, chunking: dict, captured, m: dict) -> dict[str, list[int]]:
     """Per org table validated incrementally, the chunks to checksum again: those that differed in the
-    baseline (rows written since are compared row by row). Tables without a baseline, or synced by
-    the fallback scan, are left out (checked in full)."""
+    baseline, unless the keys of the rows that differed were recorded with it (those rows, like the
+    rows written since, are compared by key). Tables without a baseline, or synced by the fallback
+    scan, are left out (checked in full)."""
     out: dict[str, list[int]] = {}
     window_captured = all((r.get("sync_detail") or {}).get("mode") == "captured"
                           and r.get("synced_in_window") == m["maintenance_window"]
@@ -1195,12 +1224,21 @@ def _incremental_chunks(plan: Plan, rows: dict, chunking: dict, captured, m: dic
             if not captured.of(t) and base["src"] == base["dst"]:
                 out[t] = []
             continue
-        bs, bd = base["src"], base["dst"]
-        out[t] = sorted({int(k) for k in set(bs) | set(bd) if bs.get(k) != bd.get(k)})
+        bs, bd, settled = base["src"], base["dst"], base.get("settled") or {}
+        out[t] = sorted({int(k) for k in set(bs) | set(bd) if bs.get(k) != bd.get(k) and k not in settled})
     return out
 
 
-def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bool = False) -> dict:
+def _target_written(ctx: MoveContext, mid: int):
+    """In the window: what was written on the target since the baseline (its slot only read), or None."""
+    m = ctx.tracking.get(mid)
+    marks = (m.get("options") or {}).get("baseline_lsn") or {}
+    return _captured_changes(ctx, m, ctx.cell(m["target_cell"]), load_plan(ctx, mid), "capture_target_slot",
+                             marks.get("dst"), advance=False)
+
+
+def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bool = False,
+                 on_target: Future | None = None) -> dict:
     """Validate every table in one task: each cell computes all checksums on its own connection, the two
     cells in parallel; row-level diffs and secret comparisons only where needed.
 
@@ -1208,7 +1246,8 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     chunks written since (and those that differed in the baseline) are checksummed again; the others'
     checksums from the baseline stand, since nothing wrote to them on either cell. ``full`` (or the
     migration option ``full_validation``, or ``ORGMOVER_FULL_VALIDATION=1``) checks every chunk; ``again``
-    re-checks tables that already passed in this window."""
+    re-checks tables that already passed in this window; ``on_target``: the target's side of what
+    was written since the baseline (:func:`_target_written`), read earlier in the window."""
     from orgmover.pgcopy import bucket_sql
     from orgmover.validation import TableValidation, lookup_validation, row_diff, total
 
@@ -1216,11 +1255,24 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     plan = load_plan(ctx, mid)
     if full is None:
         full = bool((m.get("options") or {}).get("full_validation")) or os.environ.get("ORGMOVER_FULL_VALIDATION") == "1"
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
     reads = ThreadPoolExecutor(1)
     # in the window, what was written since the baseline on either cell, read while the rest is looked up;
     # only read: the window's last read (a retry reads the same again; the slots go with the switch)
-    written_since = reads.submit(_captured_both, ctx, m, plan, (m.get("options") or {}).get("baseline_lsn"), advance=False) \
-        if not full and m["maintenance_window"] else None
+    if full or not m["maintenance_window"]:
+        written_since = None
+    elif on_target is not None:  # the target's slot read already: only the source's
+        def written_both():
+            marks = (m.get("options") or {}).get("baseline_lsn") or {}
+            src = _captured_changes(ctx, m, src_cell, plan, "capture_slot", marks.get("src"), advance=False)
+            if src is None or _needs_shared_sync(plan, src):  # the sync may have written shared rows since: read again
+                return src, _target_written(ctx, mid)
+            return src, on_target.result()
+
+        written_since = reads.submit(written_both)
+    else:
+        written_since = reads.submit(_captured_both, ctx, m, plan, (m.get("options") or {}).get("baseline_lsn"),
+                                     advance=False)
     reads.shutdown(wait=False)
     rows = {t["table_name"]: t for t in ctx.tracking.tables(mid, ["strategy", "chunk_column", "baseline", "sync_detail",
                                                                  "synced_in_window", "validated_in_window", "validation_state"])}
@@ -1228,7 +1280,6 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
                                                                 and r["validation_state"] == "passed")]
     if m["state"] == "quiesced":
         ctx.tracking.update(mid, state="validating")
-    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
 
     lookups = [t for t in todo if plan.tables[t].strategy == "shared" and not plan.tables[t].insert_missing]
     summed = [t for t in todo if t not in lookups]
@@ -1240,6 +1291,9 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
         if captured is not None and on_target is not None:
             captured.update(on_target)  # written on either cell since the baseline
             only = _incremental_chunks(plan, rows, chunking, captured, m)
+            for t in only:  # and the rows that differed in the baseline
+                for keys in (rows[t]["baseline"].get("settled") or {}).values():
+                    captured.keys.setdefault(t, set()).update(tuple(k) for k in keys)
     # secrets compared decrypted over whole tables (no baseline to lean on): in Python, so meanwhile
     secret_tables = [t for t in todo if plan.tables[t].encrypted and not (t in only and rows[t]["baseline"].get("secrets_equal"))]
 
@@ -1254,8 +1308,11 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     whole = secrets_future.result() if secrets_future is not None else {}
     for t, chunks in only.items():  # the chunks not re-checked keep their baseline checksums
         base = rows[t]["baseline"]
+        settled = base.get("settled") or {}
         for sums, side in ((src_sums, "src"), (dst_sums, "dst")):
-            kept = {int(k): (int(v[0]), v[1]) for k, v in base[side].items() if int(k) not in chunks}
+            # a chunk that differed only in rows now compared by key stands as the source's on both sides
+            kept = {int(k): (int(v[0]), v[1]) for k, v in base[side].items() if int(k) not in chunks and k not in settled}
+            kept.update({int(k): (int(v[0]), v[1]) for k, v in base["src"].items() if k in settled})
             sums[t] = {**kept, **sums[t]}
     if only:
         n_all = sum(len(set(src_sums[t]) | set(dst_sums[t])) for t in only)
@@ -1313,7 +1370,9 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
                 res.diff = diff
             if t in only:
                 res_detail_incremental = {"rechecked_chunks": len(only[t]), "baseline_at": rows[t]["baseline"]["at"],
-                                          "written_rows_compared": len(captured.of(t))}
+                                          "written_rows_compared": len(captured.of(t)),
+                                          "rows_differing_in_baseline": sum(len(k) for k in (rows[t]["baseline"].get("settled")
+                                                                                             or {}).values())}
             else:
                 res_detail_incremental = None
             bad += not res.ok
@@ -1440,14 +1499,74 @@ def _prepare_window(ctx: MoveContext, m: dict, per_cell: int = 8) -> None:
         f.result()
 
 
-def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | None = None) -> dict:
+def _rows_synced(ctx: MoveContext, mid: int) -> int:
+    """Rows the last sync (catch-up pass or window) wrote to the org's tables."""
+    return sum((t["sync_detail"] or {}).get("changed", 0) for t in ctx.tracking.tables(mid, ["strategy", "sync_detail"])
+               if t["strategy"] == "org")
+
+
+@contextlib.contextmanager
+def _no_gc_pauses():
+    """The cyclic garbage collector off for the block (reference counting still frees almost everything),
+    back as it was after it."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _last_catch_up(ctx: MoveContext, m: dict, settle: float = 0.25, max_passes: int = 3) -> list[dict]:
+    """Right before writes are blocked, while the org is writable: catch-up passes (:func:`catch_up`'s)
+    until one takes under ``settle`` seconds, so the window syncs and compares only what is written
+    during the last pass, not what came since the catch-up task (in the DAG, the seconds the scheduler
+    takes between tasks). Refused, with nothing blocked, when the last pass took longer than the
+    migration's ``max_lag_seconds``: writes are outpacing the catch-up, and the window would block
+    them for about as long. Skipped when the org is in maintenance already (a retried window) or
+    there is no capture slot (the window scans)."""
+    mid = m["id"]
+    if m["state"] not in ("copied", "failed") or not (m.get("options") or {}).get("capture_slot"):
+        return []
+    if ctx.topology.route(m["organization_id"])["maintenance"]:
+        return []  # blocked already (this migration's retried window, or another owner: maintenance_on says)
+    limit = float((m.get("options") or {}).get("max_lag_seconds", MAX_LAG))
+    passes: list[dict] = []
+    for _ in range(max(1, max_passes)):
+        t0 = time.monotonic()
+        if sync_all(ctx, mid, writable=True) is None:
+            return passes
+        rows = _rows_synced(ctx, mid)
+        refresh_baseline(ctx, mid)
+        passes.append({"rows": rows, "seconds": round(time.monotonic() - t0, 3)})
+        if passes[-1]["seconds"] < settle:
+            break
+    # and a last sync alone (no checksums: the fewer rows written during it are compared by key in the
+    # window, as those written after it): the shorter the last pass, the less is left for the window
+    t0 = time.monotonic()
+    if sync_all(ctx, mid, writable=True) is not None:
+        passes.append({"rows": _rows_synced(ctx, mid), "seconds": round(time.monotonic() - t0, 3), "sync_only": True})
+    ctx.log("last catch-up before writes are blocked: " + ", ".join(f"{p['rows']:,} rows in {p['seconds']:.2f}s" for p in passes))
+    if passes[-1]["seconds"] > limit:
+        raise StateError(f"migration #{mid}: writes outpace the catch-up: its last pass synced {passes[-1]['rows']:,} rows "
+                         f"in {passes[-1]['seconds']:.1f}s (max_lag_seconds {limit:g}); a window now would block the "
+                         f"org's writes about that long. Nothing was blocked; retry when the org writes less, or "
+                         f"raise max_lag_seconds")
+    return passes
+
+
+def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | None = None,
+                 before_block: Callable[[], None] | None = None) -> dict:
     """The write window in one call (one task of the DAG: between tasks, writes would stay blocked for
-    the scheduler): maintenance on; the rows and the storage synced at once; the foreign keys of what
-    the sync touched checked while the rows are validated; go/no-go; and with ``switch`` the route
-    switched, which lifts maintenance. Each step records its progress, so a retry resumes; a failure
-    leaves the org in maintenance on the source (:func:`release`, the DAG's teardown, lifts it).
-    Returns the validation report's path, whether the route was switched, and the seconds of each
-    part and of the whole window."""
+    the scheduler): a last catch-up while the org is still writable (:func:`_last_catch_up`);
+    ``before_block()``, if given, right after it (tests and the benchmark write there what lands in
+    the instant before the block, all of it for the window to sync); maintenance on; the rows and the storage synced at once; the foreign
+    keys of what the sync touched checked while the rows are validated; go/no-go; and with ``switch``
+    the route switched, which lifts maintenance. Each step records its progress, so a retry resumes;
+    a failure leaves the org in maintenance on the source (:func:`release`, the DAG's teardown, lifts
+    it). Returns the validation report's path, whether the route was switched, and the seconds of
+    each part and of the whole window (the part before writes are blocked apart)."""
     m = ctx.tracking.get(mid)
     if m["state"] == "completed":  # a retry of a window that switched and then lost its task
         ctx.log(f"migration #{mid} completed already: routed to {m['target_cell']} (route version {m['route_version']})")
@@ -1456,39 +1575,51 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
     _prepare_window(ctx, m)
     prepared = time.monotonic() - t0  # writes still open: not part of the window
     t0 = time.monotonic()
-    took: dict[str, float] = {}
-    maintenance_on(ctx, mid)
-    took["maintenance_on"] = time.monotonic() - t0
-    checks: list[Callable[[], bool]] = []
-    t = time.monotonic()
-    with ThreadPoolExecutor(1) as ex:  # rows and storage are independent: both at once
-        storage = ex.submit(replicate_final, ctx, mid)
-        sync_all(ctx, mid, later=checks)
-        took["sync"] = time.monotonic() - t
+    passes = _last_catch_up(ctx, m)
+    caught_up = time.monotonic() - t0  # the same
+    if before_block is not None:
+        before_block()
+    # no collection of the garbage collector's oldest generation (tens of ms with a plan and baselines
+    # in memory) while writes are blocked: it waits until after the window
+    with _no_gc_pauses():
+        t0 = time.monotonic()
+        took: dict[str, float] = {}
+        maintenance_on(ctx, mid)
+        took["maintenance_on"] = time.monotonic() - t0
+        checks: list[Callable[[], bool]] = []
         t = time.monotonic()
-        with ThreadPoolExecutor(1) as fk:  # checks read the target only, so they run while it is validated
-            pending = [fk.submit(c) for c in checks]
-            validate_all(ctx, mid, full=full)
-            synced_shared = any([f.result() for f in pending])
-        if synced_shared:  # the checks wrote shared rows the validation may have read half-written: again
-            validate_all(ctx, mid, full=full, again=True)
-        took["validate"] = time.monotonic() - t
+        with ThreadPoolExecutor(2) as ex:  # rows and storage are independent: both at once
+            storage = ex.submit(replicate_final, ctx, mid)
+            # and what was written on the target since the baseline (by anyone but this sync, whose rows the
+            # validation compares anyway as written on the source): its slot read meanwhile
+            on_target = ex.submit(_target_written, ctx, mid) if not full else None
+            sync_all(ctx, mid, later=checks)
+            took["sync"] = time.monotonic() - t
+            t = time.monotonic()
+            with ThreadPoolExecutor(1) as fk:  # checks read the target only, so they run while it is validated
+                pending = [fk.submit(c) for c in checks]
+                validate_all(ctx, mid, full=full, on_target=on_target)
+                synced_shared = any([f.result() for f in pending])
+            if synced_shared:  # the checks wrote shared rows the validation may have read half-written: again
+                validate_all(ctx, mid, full=full, again=True)
+            took["validate"] = time.monotonic() - t
+            t = time.monotonic()
+            storage.result()
+            took["storage_wait"] = time.monotonic() - t
         t = time.monotonic()
-        storage.result()
-        took["storage_wait"] = time.monotonic() - t
-    t = time.monotonic()
-    report_path = go_no_go(ctx, mid)
-    took["go_no_go"] = time.monotonic() - t
-    if switch:
-        t = time.monotonic()
-        switchover(ctx, mid)
-        took["switch"] = time.monotonic() - t
+        report_path = go_no_go(ctx, mid)
+        took["go_no_go"] = time.monotonic() - t
+        if switch:
+            t = time.monotonic()
+            switchover(ctx, mid)
+            took["switch"] = time.monotonic() - t
     took["total"] = time.monotonic() - t0
     ctx.log("write window: " + ", ".join(f"{k} {v:.3f}s" for k, v in took.items())
             + ("" if switch else " (route not switched: waiting for approval)")
-            + f"; prepared in {prepared:.3f}s before writes were blocked")
-    took["prepared_before"] = prepared
-    return {"report": str(report_path), "switched": switch, "seconds": {k: round(v, 3) for k, v in took.items()}}
+            + f"; prepared in {prepared:.3f}s and caught up in {caught_up:.3f}s before writes were blocked")
+    took["prepared_before"], took["caught_up_before"] = prepared, caught_up
+    return {"report": str(report_path), "switched": switch, "seconds": {k: round(v, 3) for k, v in took.items()},
+            "last_pass": passes, "rows_synced_in_window": _rows_synced(ctx, mid)}
 
 
 def release(ctx: MoveContext, mid: int | None) -> str:
@@ -1522,7 +1653,7 @@ def release(ctx: MoveContext, mid: int | None) -> str:
 
 def rollback(ctx: MoveContext, mid: int) -> dict[str, int]:
     """Undo an unfinished migration: remove the org's rows from the target; route stays on the source."""
-    m = ctx.tracking.get(mid)
+    m = ctx.tracking.get(mid, plan=True)
     if m["state"] == "completed":
         raise StateError(f"migration #{mid} already switched the route to {m['target_cell']}: writes since went there. "
                          f"Move it back with a move in the other direction (orgmover move {m['organization_id']} "

@@ -123,6 +123,7 @@ class Tracking:
         self._lock = threading.Lock()
         self._idle: list[psycopg.Connection] = []
         self._all: list[psycopg.Connection] = []
+        self._but_plan: str | None = None  # the migrations table's columns but the plan
 
     @contextmanager
     def conn(self) -> Iterator[psycopg.Connection]:
@@ -161,9 +162,18 @@ class Tracking:
             c.execute(SCHEMA)
 
     # -------------------------------------------------------------- migrations
-    def get(self, mid: int) -> dict:
+    def get(self, mid: int, plan: bool = False) -> dict:
+        """The migration's row; its plan (a large document, read once per process by the mover) only
+        with ``plan``."""
         with self.conn() as c:
-            row = c.execute("SELECT * FROM orgmover.migrations WHERE id = %s", (mid,)).fetchone()
+            if plan:
+                row = c.execute("SELECT * FROM orgmover.migrations WHERE id = %s", (mid,)).fetchone()
+            else:
+                if self._but_plan is None:
+                    self._but_plan = c.execute(
+                        "SELECT string_agg(quote_ident(column_name), ', ' ORDER BY ordinal_position) FROM information_schema.columns "
+                        "WHERE table_schema = 'orgmover' AND table_name = 'migrations' AND column_name <> 'plan'").fetchone()["string_agg"]
+                row = c.execute(f"SELECT {self._but_plan} FROM orgmover.migrations WHERE id = %s", (mid,)).fetchone()
         if row is None:
             raise StateError(f"migration {mid} does not exist")
         return row

@@ -133,10 +133,14 @@ def _org_rows(tp: TablePlan, columns: str, narrow: str = "true", picked: str | N
 
 
 def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, name: str, batch: int = 10000, source: bool = False,
-                  narrow: str = "true", picked: str | None = None):
+                  narrow: str = "true", picked: str | None = None, key_columns: bool = False):
+    """(key as text, row hash) of the org's rows in key order; with ``key_columns``, then each key column
+    as text (as the change stream writes them)."""
     vm = tp.value_map if (source and tp.strategy == "shared") else {}
     key = "ROW(" + ", ".join(_mapped(f"t.{qi(c)}", vm) if vm else f"t.{qi(c)}" for c in identity(tp)) + ")::text"
-    sql = (_org_rows(tp, f"{key} AS k, hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0) AS h", narrow, picked)
+    also = "".join(f", t.{qi(c)}::text" for c in identity(tp)) if key_columns else ""
+    sql = (_org_rows(tp, f"{key} AS k, hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0) AS h{also}",
+                     narrow, picked)
            + f" ORDER BY {key} COLLATE \"C\"")
     with conn.transaction():
         with conn.cursor(name=name) as cur:
@@ -144,31 +148,62 @@ def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, name: str, batch: int
             yield from fetched(cur, batch)
 
 
-def _merge_diff(src_iter, dst_iter, samples: int) -> DiffResult:
+def _merge_diff(src_iter, dst_iter, samples: int, differing: list | None = None) -> DiffResult:
+    """Merge two (key, hash, ...) streams in key order; ``differing``: each differing row appended to it."""
     res = DiffResult()
     s, d = next(src_iter, None), next(dst_iter, None)
 
-    def sample(kind: str, key: str) -> None:
+    def sample(kind: str, row: tuple) -> None:
         if len(res.samples[kind]) < samples:
-            res.samples[kind].append(key)
+            res.samples[kind].append(row[0])
+        if differing is not None:
+            differing.append(row)
 
     while s is not None or d is not None:
         if d is None or (s is not None and s[0].encode() < d[0].encode()):
             res.missing_on_target += 1
-            sample("missing_on_target", s[0])
+            sample("missing_on_target", s)
             s = next(src_iter, None)
         elif s is None or d[0].encode() < s[0].encode():
             res.extra_on_target += 1
-            sample("extra_on_target", d[0])
+            sample("extra_on_target", d)
             d = next(dst_iter, None)
         else:
             if s[1] == d[1]:
                 res.matching += 1
             else:
                 res.mismatched += 1
-                sample("mismatched", s[0])
+                sample("mismatched", s)
             s, d = next(src_iter, None), next(dst_iter, None)
     return res
+
+
+def differing_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, narrow: str,
+                   limit: int = 1000) -> list[tuple[str, ...]] | None:
+    """The keys (text values, as the change stream writes them) of the org's rows ``narrow`` selects that
+    differ between the cells: changed, missing on the target or extra there. None when there are more
+    than ``limit`` (the diff stops reading)."""
+    found: list = []
+
+    class Enough(Exception):
+        pass
+
+    def bounded(it):
+        for row in it:
+            if len(found) > limit:
+                raise Enough
+            yield row
+
+    src_rows = _keyed_hashes(src, tp, "om_keys_src", source=True, narrow=narrow, key_columns=True)
+    dst_rows = _aside(_keyed_hashes(dst, tp, "om_keys_dst", narrow=narrow, key_columns=True))
+    try:
+        _merge_diff(bounded(src_rows), bounded(dst_rows), 0, found)
+    except Enough:
+        return None
+    finally:
+        dst_rows.close()
+        src_rows.close()  # ends its transaction when the diff stopped early
+    return [tuple(row[2:]) for row in found]
 
 
 def row_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, samples: int = 10,
