@@ -57,6 +57,14 @@ with DAG(
         "full_validation": Param(False, type="boolean", title="Full validation in the window",
                                  description="Checksum every chunk of every table while writes are blocked, instead of "
                                              "comparing only the rows written since the baseline taken after the pre-copy"),
+        "max_lag_seconds": Param(30, type="number", minimum=0, title="Max lag before the window",
+                                 description="The write window does not block writes when its last catch-up pass, "
+                                             "while the org is writable, takes longer than this: the writes made "
+                                             "meanwhile would all be synced with writes blocked (retry later)"),
+        "writers_timeout_seconds": Param(30, type="number", minimum=0, title="Wait for running writers",
+                                         description="With writes blocked, how long to wait for transactions that "
+                                                     "were writing on the source when maintenance went on, before the "
+                                                     "window fails naming them (nothing synced)"),
         "shard_map": Param({}, type="object", title="Storage mapping",
                            description="Source Gitaly storage name -> target storage name, for storages the target "
                                        "names differently (same names need no entry)"),
@@ -103,7 +111,8 @@ with DAG(
     # person approves first; each step logs and records its progress, so a retry resumes
     with TaskGroup("window", tooltip="writes blocked: maintenance on, sync, validate, go/no-go, switch") as g_window:
         cutover = WriteWindowOperator(task_id="cutover", migration_id=MID, switch="{{ not params.require_approval }}",
-                                      full="{{ params.full_validation }}",
+                                      full="{{ params.full_validation }}", max_lag="{{ params.max_lag_seconds }}",
+                                      writers_timeout="{{ params.writers_timeout_seconds }}",
                                       # a retry resumes with writes still blocked: soon, not after a backoff
                                       retry_delay=timedelta(seconds=2), retry_exponential_backoff=False)
 

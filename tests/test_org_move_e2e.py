@@ -68,6 +68,11 @@ def test_the_write_window_is_one_task_with_release_as_its_teardown(org_move_dag)
         rendered = cutover.render_template(cutover.switch, {"params": {"require_approval": approval}},
                                            jinja_env=org_move_dag.get_template_env(force_sandboxed=False))
         assert rendered is switch
+    # the window's limits come from the run's parameters (the operator hands them to the window as seconds)
+    env = org_move_dag.get_template_env(force_sandboxed=False)
+    assert cutover.render_template(cutover.max_lag, {"params": {"max_lag_seconds": 12}}, jinja_env=env) == 12
+    assert cutover.render_template(cutover.writers_timeout, {"params": {"writers_timeout_seconds": 5}}, jinja_env=env) == 5
+    assert {"max_lag_seconds", "writers_timeout_seconds"} <= set(org_move_dag.params)
 
 
 def test_dry_run_changes_nothing_and_writes_a_report(devenv, seeded, org_move_dag, ctx):

@@ -1557,7 +1557,8 @@ def _last_catch_up(ctx: MoveContext, m: dict, settle: float = 0.25, max_passes: 
 
 
 def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | None = None,
-                 before_block: Callable[[], None] | None = None) -> dict:
+                 before_block: Callable[[], None] | None = None, max_lag: float | None = None,
+                 writers_timeout: float | None = None) -> dict:
     """The write window in one call (one task of the DAG: between tasks, writes would stay blocked for
     the scheduler): a last catch-up while the org is still writable (:func:`_last_catch_up`);
     ``before_block()``, if given, right after it (tests and the benchmark write there what lands in
@@ -1565,8 +1566,15 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
     keys of what the sync touched checked while the rows are validated; go/no-go; and with ``switch``
     the route switched, which lifts maintenance. Each step records its progress, so a retry resumes;
     a failure leaves the org in maintenance on the source (:func:`release`, the DAG's teardown, lifts
-    it). Returns the validation report's path, whether the route was switched, and the seconds of
-    each part and of the whole window (the part before writes are blocked apart)."""
+    it). ``max_lag`` and ``writers_timeout`` (seconds) set the migration's ``max_lag_seconds`` and
+    ``writers_timeout`` (kept for retries). Returns the validation report's path, whether the route was
+    switched, and the seconds of each part and of the whole window (the part before writes are
+    blocked apart)."""
+    limits = {k: float(v) for k, v in (("max_lag_seconds", max_lag), ("writers_timeout", writers_timeout)) if v is not None}
+    if any(v < 0 for v in limits.values()):
+        raise ConfigError(f"negative limits for the write window: {limits}")
+    if limits:
+        ctx.tracking.merge_options(mid, **limits)
     m = ctx.tracking.get(mid)
     if m["state"] == "completed":  # a retry of a window that switched and then lost its task
         ctx.log(f"migration #{mid} completed already: routed to {m['target_cell']} (route version {m['route_version']})")

@@ -149,15 +149,18 @@ class WriteWindowOperator(OrgMoveBaseOperator):
     maintenance if it fails. A retry resumes: each step records its progress."""
 
     ui_color = "#fde2e1"
-    template_fields = ("migration_id", "switch", "full")
+    template_fields = ("migration_id", "switch", "full", "max_lag", "writers_timeout")
 
-    def __init__(self, *, switch: bool | str = True, full: bool | str = False, **kwargs: Any):
+    def __init__(self, *, switch: bool | str = True, full: bool | str = False, max_lag: float | str | None = None,
+                 writers_timeout: float | str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.switch, self.full = switch, full
+        self.switch, self.full, self.max_lag, self.writers_timeout = switch, full, max_lag, writers_timeout
 
     def run_phase(self, context: Any):
         flag = lambda v: v if isinstance(v, bool) else str(v).strip().lower() == "true"  # noqa: E731
-        return mover.write_window(self.move_context(), self.mid, switch=flag(self.switch), full=flag(self.full) or None)
+        seconds = lambda v: None if v in (None, "", "None") else float(v)  # noqa: E731
+        return mover.write_window(self.move_context(), self.mid, switch=flag(self.switch), full=flag(self.full) or None,
+                                  max_lag=seconds(self.max_lag), writers_timeout=seconds(self.writers_timeout))
 
 
 class SwitchoverOperator(OrgMoveBaseOperator):
