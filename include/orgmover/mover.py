@@ -18,7 +18,7 @@ import gc
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -1229,16 +1229,7 @@ def _incremental_chunks(plan: Plan, rows: dict, chunking: dict, captured, m: dic
     return out
 
 
-def _target_written(ctx: MoveContext, mid: int):
-    """In the window: what was written on the target since the baseline (its slot only read), or None."""
-    m = ctx.tracking.get(mid)
-    marks = (m.get("options") or {}).get("baseline_lsn") or {}
-    return _captured_changes(ctx, m, ctx.cell(m["target_cell"]), load_plan(ctx, mid), "capture_target_slot",
-                             marks.get("dst"), advance=False)
-
-
-def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bool = False,
-                 on_target: Future | None = None) -> dict:
+def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bool = False) -> dict:
     """Validate every table in one task: each cell computes all checksums on its own connection, the two
     cells in parallel; row-level diffs and secret comparisons only where needed.
 
@@ -1246,8 +1237,7 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     chunks written since (and those that differed in the baseline) are checksummed again; the others'
     checksums from the baseline stand, since nothing wrote to them on either cell. ``full`` (or the
     migration option ``full_validation``, or ``ORGMOVER_FULL_VALIDATION=1``) checks every chunk; ``again``
-    re-checks tables that already passed in this window; ``on_target``: the target's side of what
-    was written since the baseline (:func:`_target_written`), read earlier in the window."""
+    re-checks tables that already passed in this window."""
     from orgmover.pgcopy import bucket_sql
     from orgmover.validation import TableValidation, lookup_validation, row_diff, total
 
@@ -1255,24 +1245,11 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     plan = load_plan(ctx, mid)
     if full is None:
         full = bool((m.get("options") or {}).get("full_validation")) or os.environ.get("ORGMOVER_FULL_VALIDATION") == "1"
-    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
     reads = ThreadPoolExecutor(1)
     # in the window, what was written since the baseline on either cell, read while the rest is looked up;
     # only read: the window's last read (a retry reads the same again; the slots go with the switch)
-    if full or not m["maintenance_window"]:
-        written_since = None
-    elif on_target is not None:  # the target's slot read already: only the source's
-        def written_both():
-            marks = (m.get("options") or {}).get("baseline_lsn") or {}
-            src = _captured_changes(ctx, m, src_cell, plan, "capture_slot", marks.get("src"), advance=False)
-            if src is None or _needs_shared_sync(plan, src):  # the sync may have written shared rows since: read again
-                return src, _target_written(ctx, mid)
-            return src, on_target.result()
-
-        written_since = reads.submit(written_both)
-    else:
-        written_since = reads.submit(_captured_both, ctx, m, plan, (m.get("options") or {}).get("baseline_lsn"),
-                                     advance=False)
+    written_since = reads.submit(_captured_both, ctx, m, plan, (m.get("options") or {}).get("baseline_lsn"), advance=False) \
+        if not full and m["maintenance_window"] else None
     reads.shutdown(wait=False)
     rows = {t["table_name"]: t for t in ctx.tracking.tables(mid, ["strategy", "chunk_column", "baseline", "sync_detail",
                                                                  "synced_in_window", "validated_in_window", "validation_state"])}
@@ -1280,6 +1257,7 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
                                                                 and r["validation_state"] == "passed")]
     if m["state"] == "quiesced":
         ctx.tracking.update(mid, state="validating")
+    src_cell, dst_cell = ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])
 
     lookups = [t for t in todo if plan.tables[t].strategy == "shared" and not plan.tables[t].insert_missing]
     summed = [t for t in todo if t not in lookups]
@@ -1404,7 +1382,9 @@ def _chunk_range(column: str | None, lows: list[int], k: int) -> str:
 def go_no_go(ctx: MoveContext, mid: int) -> Path:
     """Aggregate validation; write the readable validation report; fail on any difference."""
     m = ctx.tracking.get(mid)
-    tables = [t for t in ctx.tracking.tables(mid) if t["strategy"] in ("org", "shared")]
+    tables = [t for t in ctx.tracking.tables(mid, ["strategy", "validated_in_window", "validation_state", "validation_detail",
+                                                   "source_rows", "target_rows", "source_checksum", "target_checksum"])
+              if t["strategy"] in ("org", "shared")]  # not the baselines: the report does not show them
     pending = [t["table_name"] for t in tables if t["validated_in_window"] != m["maintenance_window"]]
     failed = [t for t in tables if t["validation_state"] == "failed"]
     text = report.validation_report(m, tables)
@@ -1596,17 +1576,14 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
         took["maintenance_on"] = time.monotonic() - t0
         checks: list[Callable[[], bool]] = []
         t = time.monotonic()
-        with ThreadPoolExecutor(2) as ex:  # rows and storage are independent: both at once
+        with ThreadPoolExecutor(1) as ex:  # rows and storage are independent: both at once
             storage = ex.submit(replicate_final, ctx, mid)
-            # and what was written on the target since the baseline (by anyone but this sync, whose rows the
-            # validation compares anyway as written on the source): its slot read meanwhile
-            on_target = ex.submit(_target_written, ctx, mid) if not full else None
             sync_all(ctx, mid, later=checks)
             took["sync"] = time.monotonic() - t
             t = time.monotonic()
             with ThreadPoolExecutor(1) as fk:  # checks read the target only, so they run while it is validated
                 pending = [fk.submit(c) for c in checks]
-                validate_all(ctx, mid, full=full, on_target=on_target)
+                validate_all(ctx, mid, full=full)
                 synced_shared = any([f.result() for f in pending])
             if synced_shared:  # the checks wrote shared rows the validation may have read half-written: again
                 validate_all(ctx, mid, full=full, again=True)
