@@ -429,6 +429,13 @@ def test_a_chunk_that_differs_in_the_baseline_is_compared_by_the_keys_that_diffe
         assert detail["written"]["samples"]["mismatched"] == [f"({last})"]
         route = devenv.topology().route(org.id)  # not switched: in maintenance on the source until the release
         assert route["cell"] == "legacy" and route["maintenance"]
+        # the lookup of the keys that differ, as the baseline does it: more than its limit gives none
+        from orgmover.validation import differing_keys
+
+        issues = mover.load_plan(ctx, mid).tables["issues"]
+        with psycopg.connect(src_dsn, autocommit=True) as s, psycopg.connect(dst_dsn, autocommit=True) as d:
+            assert differing_keys(s, d, issues, "true", limit=1) == [(str(last),)]
+            assert differing_keys(s, d, issues, "true", limit=0) is None
     finally:
         mover.release(ctx, mid)
     mover.rollback(ctx, mid)

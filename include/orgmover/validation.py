@@ -203,7 +203,7 @@ def differing_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePl
     finally:
         dst_rows.close()
         src_rows.close()  # ends its transaction when the diff stopped early
-    return [tuple(row[2:]) for row in found]
+    return [tuple(row[2:]) for row in found] if len(found) <= limit else None
 
 
 def row_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, samples: int = 10,
