@@ -136,6 +136,13 @@ def _slot_and_flush_point(conn: psycopg.Connection, name: str, writers: bool = F
                         "WHERE slot_name = %s", (name,)).fetchone()
 
 
+# none below the id is still running, but for autovacuum workers (an autoanalyze holds an id while it
+# writes statistics; it never writes the org's rows): a running id below it is in a fresh snapshot's list
+_NONE_BELOW = ("SELECT NOT EXISTS (SELECT FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE x < %s::text::xid8 "
+               "AND mod(x::text::bigint, 4294967296)::text NOT IN (SELECT backend_xid::text FROM pg_stat_activity "
+               "WHERE backend_type = 'autovacuum worker' AND backend_xid IS NOT NULL))")
+
+
 def wait_for_writers(conn: psycopg.Connection, timeout: float, before: str | None = "now") -> float:
     """Wait until the transactions writing on the cell now (or, with ``before``, those holding a
     transaction id below it: from :data:`_WRITING`, read after the org's writes were blocked) have
@@ -145,14 +152,15 @@ def wait_for_writers(conn: psycopg.Connection, timeout: float, before: str | Non
     refuse (it checks maintenance before it commits).
 
     Transaction ids are the cluster's, so this also waits for other databases' and other orgs' writers
-    (a cell's writers are short; a long one is named in the error). ``conn`` in autocommit mode.
+    (a cell's writers are short; a long one is named in the error), though not for autovacuum workers.
+    ``conn`` in autocommit mode.
     Raises :class:`WritersStillRunning` after ``timeout`` seconds, naming each transaction still running."""
     t0 = time.monotonic()
     if before == "now":
         before = conn.execute(f"SELECT {_WRITING}").fetchone()[0]
     delay = 0.002
     while before is not None:
-        if conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot()) >= %s::text::xid8", (before,)).fetchone()[0]:
+        if conn.execute(_NONE_BELOW, (before,)).fetchone()[0]:
             break
         if time.monotonic() - t0 >= timeout:
             raise WritersStillRunning(_writers(conn, before, timeout))
@@ -168,7 +176,8 @@ def _writers(conn: psycopg.Connection, before: str, timeout: float) -> str:
     short = str(int(before) % (1 << 32))
     rows = conn.execute(
         "SELECT backend_xid::text, pid, datname, xact_start, state, left(regexp_replace(query, '\\s+', ' ', 'g'), 120) "
-        f"FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND {older.format('backend_xid')} UNION ALL "
+        f"FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND backend_type <> 'autovacuum worker' "
+        f"AND {older.format('backend_xid')} UNION ALL "
         "SELECT transaction::text, NULL, database, prepared, 'prepared as ' || quote_literal(gid), NULL "
         f"FROM pg_prepared_xacts WHERE {older.format('transaction')} ORDER BY 1", (short, short)).fetchall()
     parts = [f"transaction {x} ({f'pid {pid}, ' if pid else ''}{state} in database {db} since {since:%H:%M:%S}"
