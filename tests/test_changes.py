@@ -218,6 +218,31 @@ def test_catch_up_syncs_while_writable_and_the_window_has_only_what_came_after(d
     assert check_move(seen_src, snapshot(src_dsn, legacy_key), dst_before, snapshot(dst_dsn, cell1_key), expected) == []
 
 
+def _first_issue(dsn: str, org_id: int) -> int:
+    with psycopg.connect(dsn) as c:
+        return c.execute("SELECT min(i.id) FROM issues i JOIN namespaces n ON n.id = i.namespace_id "
+                         "WHERE n.organization_id = %s", (org_id,)).fetchone()[0]
+
+
+def _last_issue(dsn: str, org_id: int) -> int:
+    with psycopg.connect(dsn) as c:
+        return c.execute("SELECT max(i.id) FROM issues i JOIN namespaces n ON n.id = i.namespace_id "
+                         "WHERE n.organization_id = %s", (org_id,)).fetchone()[0]
+
+
+def _caught_up(ctx, org, run_id: str) -> int:
+    """A migration of ``org`` from legacy to cell-1, pre-copied and caught up (released if that fails)."""
+    mid = mover.preflight(ctx, org.id, "legacy", "cell-1", run_id)
+    try:
+        mover.copy_tables(ctx, mid, (mover.make_plan(ctx, mid), mover.prepare_target(ctx, mid))[0])
+        mover.precopy_done(ctx, mid)
+        mover.catch_up(ctx, mid)
+    except Exception:
+        mover.release(ctx, mid)
+        raise
+    return mid
+
+
 def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, seeded, ctx):
     """The window is one call (one DAG task): maintenance on, sync, validate, go/no-go; here without the
     switch (a person approves first), so the org stays blocked on the source, validated. Maintenance
@@ -237,11 +262,8 @@ def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, se
     topo = devenv.topology()
     src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
     keys = devenv.resolve_cell("legacy").db_key_base, devenv.resolve_cell("cell-1").db_key_base
-    mid = mover.preflight(ctx, org.id, "legacy", "cell-1", "one-window")
+    mid = _caught_up(ctx, org, "one-window")
     try:
-        mover.copy_tables(ctx, mid, (mover.make_plan(ctx, mid), mover.prepare_target(ctx, mid))[0])
-        mover.precopy_done(ctx, mid)
-        mover.catch_up(ctx, mid)
         seen = ctx.tracking.get(mid)["options"]["open_route_version"]
         assert seen == topo.route(org.id)["version"]
         cells_before = snapshot(src_dsn, keys[0]), snapshot(dst_dsn, keys[1])
@@ -297,26 +319,6 @@ def test_the_write_window_in_one_call_from_the_route_the_catch_up_saw(devenv, se
             [("after the catch-up",), ("after the refused window",)]
     # the window's task retried after it switched (its answer lost): done, nothing changes
     assert mover.write_window(ctx, mid)["switched"] is True and topo.route(org.id) == route
-
-
-def _first_issue(dsn: str, org_id: int) -> int:
-    with psycopg.connect(dsn) as c:
-        return c.execute("SELECT min(i.id) FROM issues i JOIN namespaces n ON n.id = i.namespace_id "
-                         "WHERE n.organization_id = %s", (org_id,)).fetchone()[0]
-
-
-def _last_issue(dsn: str, org_id: int) -> int:
-    with psycopg.connect(dsn) as c:
-        return c.execute("SELECT max(i.id) FROM issues i JOIN namespaces n ON n.id = i.namespace_id "
-                         "WHERE n.organization_id = %s", (org_id,)).fetchone()[0]
-
-
-def _caught_up(ctx, org, run_id: str) -> int:
-    mid = mover.preflight(ctx, org.id, "legacy", "cell-1", run_id)
-    mover.copy_tables(ctx, mid, (mover.make_plan(ctx, mid), mover.prepare_target(ctx, mid))[0])
-    mover.precopy_done(ctx, mid)
-    mover.catch_up(ctx, mid)
-    return mid
 
 
 def test_the_window_waits_for_transactions_writing_when_maintenance_went_on(devenv, seeded, ctx):
@@ -451,14 +453,10 @@ def test_no_sync_or_switch_while_writes_are_not_blocked(devenv, seeded, ctx, tmp
     topo = devenv.topology()
     src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
     keys = devenv.resolve_cell("legacy").db_key_base, devenv.resolve_cell("cell-1").db_key_base
-    mid = mover.preflight(ctx, org.id, "legacy", "cell-1", "not-blocked")
+    mid = _caught_up(ctx, org, "not-blocked")
     try:
-        mover.copy_tables(ctx, mid, (mover.make_plan(ctx, mid), mover.prepare_target(ctx, mid))[0])
-        mover.precopy_done(ctx, mid)
-        mover.catch_up(ctx, mid)
         with psycopg.connect(src_dsn) as c:
-            c.execute("UPDATE issues SET title = 'written while writable' WHERE id = (SELECT min(i.id) FROM issues i "
-                      "JOIN namespaces n ON n.id = i.namespace_id WHERE n.organization_id = %s)", (org.id,))
+            c.execute("UPDATE issues SET title = 'written while writable' WHERE id = %s", (_first_issue(src_dsn, org.id),))
         before = snapshot(dst_dsn, keys[1])
         with pytest.raises(StateError, match=f"not in maintenance for migration #{mid}"):
             mover.sync_all(ctx, mid)

@@ -1499,10 +1499,10 @@ def _no_gc_pauses():
 
 
 def _last_catch_up(ctx: MoveContext, m: dict, settle: float = 0.25, max_passes: int = 3) -> list[dict]:
-    """Right before writes are blocked, while the org is writable: catch-up passes (:func:`catch_up`'s)
-    until one takes under ``settle`` seconds, so the window syncs and compares only what is written
-    during the last pass, not what came since the catch-up task (in the DAG, the seconds the scheduler
-    takes between tasks). Refused, with nothing blocked, when the last pass took longer than the
+    """Right before writes are blocked, while the org is writable: :func:`catch_up` passes until one
+    takes under ``settle`` seconds, then one sync alone, so the window syncs and compares only what is
+    written during that last pass, not what came since the catch-up task (in the DAG, the seconds the
+    scheduler takes between tasks). Refused, with nothing blocked, when the last pass took longer than the
     migration's ``max_lag_seconds``: writes are outpacing the catch-up, and the window would block
     them for about as long. Skipped when the org is in maintenance already (a retried window) or
     there is no capture slot (the window scans)."""
@@ -1512,16 +1512,9 @@ def _last_catch_up(ctx: MoveContext, m: dict, settle: float = 0.25, max_passes: 
     if ctx.topology.route(m["organization_id"])["maintenance"]:
         return []  # blocked already (this migration's retried window, or another owner: maintenance_on says)
     limit = float((m.get("options") or {}).get("max_lag_seconds", MAX_LAG))
-    passes: list[dict] = []
-    for _ in range(max(1, max_passes)):
-        t0 = time.monotonic()
-        if sync_all(ctx, mid, writable=True) is None:
-            return passes
-        rows = _rows_synced(ctx, mid)
-        refresh_baseline(ctx, mid)
-        passes.append({"rows": rows, "seconds": round(time.monotonic() - t0, 3)})
-        if passes[-1]["seconds"] < settle:
-            break
+    passes = catch_up(ctx, mid, max_passes, settle)["passes"]
+    if not passes:  # the slot is gone: the window scans
+        return passes
     # and a last sync alone (no checksums: the fewer rows written during it are compared by key in the
     # window, as those written after it): the shorter the last pass, the less is left for the window
     t0 = time.monotonic()
@@ -1542,9 +1535,9 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
     """The write window in one call (one task of the DAG: between tasks, writes would stay blocked for
     the scheduler): a last catch-up while the org is still writable (:func:`_last_catch_up`);
     ``before_block()``, if given, right after it (tests and the benchmark write there what lands in
-    the instant before the block, all of it for the window to sync); maintenance on; the rows and the storage synced at once; the foreign
-    keys of what the sync touched checked while the rows are validated; go/no-go; and with ``switch``
-    the route switched, which lifts maintenance. Each step records its progress, so a retry resumes;
+    the instant before the block, all of it for the window to sync); maintenance on; the rows and
+    the storage synced at once; the foreign keys of what the sync touched checked while the rows are
+    validated; go/no-go; and with ``switch`` the route switched, which lifts maintenance. Each step records its progress, so a retry resumes;
     a failure leaves the org in maintenance on the source (:func:`release`, the DAG's teardown, lifts
     it). ``max_lag`` and ``writers_timeout`` (seconds) set the migration's ``max_lag_seconds`` and
     ``writers_timeout`` (kept for retries). Returns the validation report's path, whether the route was
