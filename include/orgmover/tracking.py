@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import psycopg
@@ -126,18 +126,20 @@ class Tracking:
         self._but_plan: str | None = None  # the migrations table's columns but the plan
 
     @contextmanager
-    def conn(self) -> Iterator[psycopg.Connection]:
+    def conn(self, single: bool = False) -> Iterator[psycopg.Connection]:
         """One transaction on a connection of this object's own small pool: kept open between calls and
         shared by threads (a worker thread's first call does not pay for a new connection), one
-        connection per call in flight; a broken one is closed and replaced."""
+        connection per call in flight; a broken one is closed and replaced. ``single``: for one
+        statement, which is its own transaction (no BEGIN and COMMIT round trips: the write window
+        makes a few dozen such calls while the org's writes are blocked)."""
         with self._lock:
             c = self._idle.pop() if self._idle else None
         if c is None or c.closed or c.broken:
-            c = psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10)
+            c = psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10, autocommit=True)
             with self._lock:
                 self._all = [x for x in self._all if not x.closed] + [c]
         try:
-            with c.transaction():
+            with nullcontext() if single else c.transaction():
                 yield c
         except psycopg.OperationalError:
             c.close()
@@ -165,96 +167,102 @@ class Tracking:
     def get(self, mid: int, plan: bool = False) -> dict:
         """The migration's row; its plan (a large document, read once per process by the mover) only
         with ``plan``."""
-        with self.conn() as c:
-            if plan:
-                row = c.execute("SELECT * FROM orgmover.migrations WHERE id = %s", (mid,)).fetchone()
-            else:
-                if self._but_plan is None:
-                    self._but_plan = c.execute(
-                        "SELECT string_agg(quote_ident(column_name), ', ' ORDER BY ordinal_position) FROM information_schema.columns "
-                        "WHERE table_schema = 'orgmover' AND table_name = 'migrations' AND column_name <> 'plan'").fetchone()["string_agg"]
-                row = c.execute(f"SELECT {self._but_plan} FROM orgmover.migrations WHERE id = %s", (mid,)).fetchone()
+        with self.conn(single=True) as c:
+            cols = "*" if plan else self._columns_but_plan(c)
+            row = c.execute(f"SELECT {cols} FROM orgmover.migrations WHERE id = %s", (mid,)).fetchone()
         if row is None:
             raise StateError(f"migration {mid} does not exist")
         return row
 
+    def _columns_but_plan(self, c: psycopg.Connection) -> str:
+        """The migrations table's columns but the plan, for reads and RETURNING clauses that do not need
+        it (looked up once)."""
+        if self._but_plan is None:
+            self._but_plan = c.execute(
+                "SELECT string_agg(quote_ident(column_name), ', ' ORDER BY ordinal_position) FROM information_schema.columns "
+                "WHERE table_schema = 'orgmover' AND table_name = 'migrations' AND column_name <> 'plan'").fetchone()["string_agg"]
+        return self._but_plan
+
     def active_for_org(self, org_id: int) -> dict | None:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             return c.execute("SELECT * FROM orgmover.migrations WHERE organization_id = %s AND state NOT IN "
                              "('completed', 'rolled_back')", (org_id,)).fetchone()
 
     def move_left_behind(self, org_id: int, source: str, target: str) -> dict | None:
         """The latest completed move of ``org_id`` from ``source`` to ``target`` whose copy on ``source``
         was neither cleaned nor replaced yet (moving the org back replaces it)."""
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             return c.execute("SELECT * FROM orgmover.migrations WHERE organization_id = %s AND source_cell = %s AND "
                              "target_cell = %s AND state = 'completed' AND source_cleaned_at IS NULL AND "
                              "(options -> 'moved_back_by') IS NULL ORDER BY id DESC LIMIT 1",
                              (org_id, source, target)).fetchone()
 
     def latest_for_org(self, org_id: int) -> dict | None:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             return c.execute("SELECT * FROM orgmover.migrations WHERE organization_id = %s ORDER BY id DESC LIMIT 1",
                              (org_id,)).fetchone()
 
     def create(self, org_id: int, source: str, target: str, run_id: str | None) -> dict:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             return c.execute(
                 "INSERT INTO orgmover.migrations (organization_id, source_cell, target_cell, dag_run_id) "
                 "VALUES (%s, %s, %s, %s) RETURNING *", (org_id, source, target, run_id)).fetchone()
 
     def update(self, mid: int, **fields: Any) -> dict:
+        """Set these fields; returns the row without its plan (as :meth:`get`)."""
         if not fields:
             return self.get(mid)
         sets = ", ".join(f"{k} = %({k})s" for k in fields)
         params = {k: (Jsonb(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
         params["_id"] = mid
-        with self.conn() as c:
-            return c.execute(f"UPDATE orgmover.migrations SET {sets}, updated_at = now() WHERE id = %(_id)s RETURNING *",
-                             params).fetchone()
+        with self.conn(single=True) as c:
+            return c.execute(f"UPDATE orgmover.migrations SET {sets}, updated_at = now() WHERE id = %(_id)s "
+                             f"RETURNING {self._columns_but_plan(c)}", params).fetchone()
 
     def merge_options(self, mid: int, **values: Any) -> None:
         """Set these keys of the migration's options, leaving the others (one statement: no lost update)."""
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             c.execute("UPDATE orgmover.migrations SET options = coalesce(options, '{}'::jsonb) || %s, updated_at = now() "
                       "WHERE id = %s", (Jsonb(values), mid))
 
     def transition(self, mid: int, to: str, allowed_from: tuple[str, ...], **fields: Any) -> dict:
-        """Compare-and-set of the migration state."""
-        with self.conn() as c:
-            row = c.execute("SELECT state FROM orgmover.migrations WHERE id = %s FOR UPDATE", (mid,)).fetchone()
-            if row is None:
-                raise StateError(f"migration {mid} does not exist")
-            if row["state"] not in allowed_from and row["state"] != to:
-                raise StateError(f"migration {mid} is {row['state']}; cannot go to {to} (allowed from {', '.join(allowed_from)})")
-            sets = ", ".join([f"{k} = %({k})s" for k in fields] + ["state = %(_to)s", "updated_at = now()"])
-            params = {k: (Jsonb(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
-            params.update(_to=to, _id=mid)
-            return c.execute(f"UPDATE orgmover.migrations SET {sets} WHERE id = %(_id)s RETURNING *", params).fetchone()
+        """Compare-and-set of the migration state; returns the row without its plan."""
+        sets = ", ".join([f"{k} = %({k})s" for k in fields] + ["state = %(_to)s", "updated_at = now()"])
+        params = {k: (Jsonb(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+        params.update(_to=to, _id=mid, _from=[*allowed_from, to])
+        with self.conn(single=True) as c:  # the state checked and set in one statement
+            row = c.execute(f"UPDATE orgmover.migrations SET {sets} WHERE id = %(_id)s AND state = ANY(%(_from)s) "
+                            f"RETURNING {self._columns_but_plan(c)}", params).fetchone()
+            if row is not None:
+                return row
+            row = c.execute("SELECT state FROM orgmover.migrations WHERE id = %s", (mid,)).fetchone()
+        if row is None:
+            raise StateError(f"migration {mid} does not exist")
+        raise StateError(f"migration {mid} is {row['state']}; cannot go to {to} (allowed from {', '.join(allowed_from)})")
 
     # -------------------------------------------------------------- phases and events
     def phase_started(self, mid: int, phase: str) -> None:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             c.execute("INSERT INTO orgmover.phases (migration_id, phase, state) VALUES (%s, %s, 'running') "
                       "ON CONFLICT (migration_id, phase) DO UPDATE SET state = 'running', attempt = orgmover.phases.attempt + 1, "
                       "started_at = now(), finished_at = NULL", (mid, phase))
 
     def phase_finished(self, mid: int, phase: str, state: str = "succeeded") -> None:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             c.execute("UPDATE orgmover.phases SET state = %s, finished_at = now() WHERE migration_id = %s AND phase = %s",
                       (state, mid, phase))
 
     def phases(self, mid: int) -> list[dict]:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             return c.execute("SELECT *, extract(epoch FROM (coalesce(finished_at, now()) - started_at)) AS seconds "
                              "FROM orgmover.phases WHERE migration_id = %s ORDER BY started_at", (mid,)).fetchall()
 
     def event(self, mid: int | None, level: str, message: str) -> None:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             c.execute("INSERT INTO orgmover.events (migration_id, level, message) VALUES (%s, %s, %s)", (mid, level, message))
 
     def events(self, mid: int) -> list[dict]:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             return c.execute("SELECT * FROM orgmover.events WHERE migration_id = %s ORDER BY id", (mid,)).fetchall()
 
     # -------------------------------------------------------------- tables
@@ -266,7 +274,7 @@ class Tracking:
                                 [(mid, t, s) for t, s in tables])
 
     def table(self, mid: int, name: str) -> dict:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             row = c.execute("SELECT * FROM orgmover.tables WHERE migration_id = %s AND table_name = %s", (mid, name)).fetchone()
         if row is None:
             raise StateError(f"migration {mid} has no table {name} in its plan")
@@ -276,11 +284,11 @@ class Tracking:
         """Every table's row (``columns``: only those, with table_name; the large jsonb ones left out
         where the caller does not need them)."""
         cols = "*" if columns is None else ", ".join(["table_name", *columns])
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             return c.execute(f"SELECT {cols} FROM orgmover.tables WHERE migration_id = %s ORDER BY table_name", (mid,)).fetchall()
 
     def update_table(self, mid: int, name: str, **fields: Any) -> None:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             self._update_table(c, mid, name, fields)
 
     @staticmethod
@@ -309,19 +317,19 @@ class Tracking:
     def add_entered(self, mid: int, table: str, keys: list[tuple]) -> None:
         """Keys of rows that joined the org on the target in the window: their own rows (children) still
         have to follow. Kept until :meth:`clear_entered`, so a retried or later window does it too."""
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             c.execute("UPDATE orgmover.tables SET entered_keys = coalesce(entered_keys, '[]'::jsonb) || %s, "
                       "updated_at = now() WHERE migration_id = %s AND table_name = %s",
                       (Jsonb([list(k) for k in keys]), mid, table))
 
     def entered(self, mid: int) -> dict[str, set[tuple]]:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             rows = c.execute("SELECT table_name, entered_keys FROM orgmover.tables WHERE migration_id = %s "
                              "AND entered_keys IS NOT NULL", (mid,)).fetchall()
         return {r["table_name"]: {tuple(k) for k in r["entered_keys"]} for r in rows}
 
     def clear_entered(self, mid: int, tables: list[str]) -> None:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             c.execute("UPDATE orgmover.tables SET entered_keys = NULL WHERE migration_id = %s AND table_name = ANY(%s)",
                       (mid, tables))
 
@@ -329,7 +337,7 @@ class Tracking:
     def add_captured(self, mid: int, slot: str, got) -> None:
         """Record what a read of ``slot`` found (a :class:`orgmover.changes.CapturedChanges` read up to
         ``got.upto``); the slot may be advanced to ``got.upto`` once this commits."""
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             self._add_captured(c, mid, slot, got)
 
     @staticmethod
@@ -365,7 +373,7 @@ class Tracking:
                                 [(mid, table, i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)])
 
     def chunks(self, mid: int, table: str) -> list[dict]:
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             return self._chunks(c, mid, table)
 
     @staticmethod
@@ -376,7 +384,7 @@ class Tracking:
     def chunk_bounds(self, mid: int) -> dict[str, list[int]]:
         """Every table's chunk lower bounds (chunks 2..n), in one query."""
         out: dict[str, list[int]] = {}
-        with self.conn() as c:
+        with self.conn(single=True) as c:
             for r in c.execute("SELECT table_name, lo FROM orgmover.chunks WHERE migration_id = %s AND chunk_no > 0 "
                                "ORDER BY table_name, chunk_no", (mid,)):
                 out.setdefault(r["table_name"], []).append(r["lo"])
