@@ -4,6 +4,7 @@ move with the slot and, when the slot is gone, with the fallback scan."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psycopg
@@ -72,6 +73,34 @@ def test_keys_of_rows_written_after_the_slot(scratch):
     assert "other" not in got.keys
     # reading does not consume: a retried window task sees the same keys
     assert changes.read_changes(c, slot, tables).keys == got.keys
+
+
+def test_a_partition_created_while_the_read_waits_for_writers_counts_for_its_table(scratch):
+    """A read learns the schema's partitions with the slot's status, in one statement. A partition
+    created after that statement and written before the point the read goes up to (here: while the
+    read waits for a writer, as in the window) is looked up after the stream, not missed."""
+    c, slot = scratch
+    tables = {"builds": ["id", "partition_id"], "pairs": ["a", "b"]}
+    got: dict = {}
+    with psycopg.connect(c.info.dsn, autocommit=True) as writer, psycopg.connect(c.info.dsn, autocommit=True) as reader:
+        writer.execute("BEGIN")
+        writer.execute("INSERT INTO pairs VALUES (50, 'in flight', NULL)")  # holds a transaction id: the read waits for it
+        thread = threading.Thread(target=lambda: got.update(read=changes.read_changes(reader, slot, tables, writers_timeout=30,
+                                                                                      ignore=["other"])))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not c.execute("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s AND query LIKE '%%pg_snapshot_xip%%')",
+                            (reader.info.backend_pid,)).fetchone()[0]:
+            assert time.monotonic() < deadline and thread.is_alive(), "the read did not wait for the writer"
+            time.sleep(0.01)
+        c.execute("CREATE TABLE builds_102 PARTITION OF builds FOR VALUES IN (102)")
+        c.execute("INSERT INTO builds VALUES (12, 102, 'new partition')")
+        c.execute("INSERT INTO other VALUES (5)")  # ignored
+        writer.execute("COMMIT")
+        thread.join(30)
+    assert got["read"].of("builds") == {("12", "102")}
+    assert got["read"].of("pairs") == {("50", "in flight")}
+    assert got["read"].waited > 0 and "other" not in got["read"].keys
 
 
 def test_missing_slot_is_reported_not_ignored(scratch):

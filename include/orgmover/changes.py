@@ -19,13 +19,14 @@ no primary key and no replica identity) is marked for the fallback scan.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import psycopg
 
-from orgmover.cells import fetched
 from orgmover.errors import StateError
 
 PLUGIN = "test_decoding"
@@ -77,6 +78,15 @@ _NO_SNAPSHOT: set[tuple] = set()  # cells where the role may not log a snapshot 
 _EMIT_FLUSHED = "pg_logical_emit_message(false, 'orgmover', 'window', true)::text"
 
 
+def _statement(conn: psycopg.Connection):
+    """Where one statement may fail (a missing privilege) and the connection go on: in autocommit mode
+    outside a transaction, the statement alone (no BEGIN and COMMIT round trips: in the window every
+    round trip is writes blocked); otherwise a savepoint."""
+    if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        return contextlib.nullcontext()
+    return conn.transaction()
+
+
 def _where(conn: psycopg.Connection) -> tuple:
     return conn.info.host, conn.info.port, conn.info.dbname
 
@@ -90,7 +100,7 @@ def _log_running(conn: psycopg.Connection) -> None:
     if conn.info.server_version < 160000 or where in _NO_SNAPSHOT:
         return
     try:
-        with conn.transaction():
+        with _statement(conn):
             conn.execute("SELECT pg_log_standby_snapshot()")
     except psycopg.errors.InsufficientPrivilege:
         _NO_SNAPSHOT.add(where)
@@ -116,9 +126,14 @@ _WRITING = ("(SELECT CASE WHEN pg_snapshot_xmax(s) = x AND NOT EXISTS (SELECT FR
             "ELSE x::text END FROM pg_current_snapshot() s, pg_current_xact_id() x)")
 
 
-def _slot_and_flush_point(conn: psycopg.Connection, name: str, writers: bool = False) -> tuple | None:
-    """(wal_status, confirmed point, flush point or None, writing transactions or None) of the slot;
-    None when it does not exist. On PostgreSQL 17+ where the role may log running transactions, in
+# every partition of a schema -> its root table (a json object; NULL when there is none)
+_PARTITIONS = ("(SELECT json_object_agg(c.relname, r.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+               "JOIN pg_class r ON r.oid = pg_partition_root(c.oid) WHERE n.nspname = %s AND c.relispartition)")
+
+
+def _slot_and_flush_point(conn: psycopg.Connection, name: str, schema: str, writers: bool = False) -> tuple | None:
+    """(wal_status, confirmed point, flush point or None, writing transactions or None, the partitions
+    of ``schema`` and their roots) of the slot; None when it does not exist. On PostgreSQL 17+ where the role may log running transactions, in
     one round trip with the snapshot and the flush point of :func:`flush_point` (in the window every
     round trip is writes blocked); otherwise the flush point is left to :func:`flush_point`.
     ``writers``: also the ids of the transactions writing on the cell at this moment."""
@@ -126,14 +141,15 @@ def _slot_and_flush_point(conn: psycopg.Connection, name: str, writers: bool = F
     also = f", {_WRITING}" if writers else ", NULL"
     if conn.info.server_version >= 170000 and where not in _NO_SNAPSHOT:
         try:
-            with conn.transaction():
+            with _statement(conn):
                 row = conn.execute(f"SELECT wal_status, confirmed_flush_lsn::text, pg_log_standby_snapshot(), {_EMIT_FLUSHED}"
-                                   f"{also} FROM pg_replication_slots WHERE slot_name = %s", (name,)).fetchone()
-            return None if row is None else (row[0], row[1], row[3], row[4])
+                                   f"{also}, {_PARTITIONS} FROM pg_replication_slots WHERE slot_name = %s",
+                                   (schema, name)).fetchone()
+            return None if row is None else (row[0], row[1], row[3], row[4], row[5])
         except psycopg.errors.InsufficientPrivilege:
             _NO_SNAPSHOT.add(where)
-    return conn.execute(f"SELECT wal_status, confirmed_flush_lsn::text, NULL{also} FROM pg_replication_slots "
-                        "WHERE slot_name = %s", (name,)).fetchone()
+    return conn.execute(f"SELECT wal_status, confirmed_flush_lsn::text, NULL{also}, {_PARTITIONS} FROM pg_replication_slots "
+                        "WHERE slot_name = %s", (schema, name)).fetchone()
 
 
 # none below the id is still running, but for autovacuum workers (an autoanalyze holds an id while it
@@ -339,77 +355,94 @@ class CapturedChanges:
 
 
 def read_changes(conn: psycopg.Connection, name: str, tables: dict[str, list[str]], schema: str = "public",
-                 batch: int = 5000, writers_timeout: float | None = None) -> CapturedChanges:
+                 batch: int = 5000, writers_timeout: float | None = None, ignore: Iterable[str] = ()) -> CapturedChanges:
     """The keys (``tables``: table -> key columns) of every row inserted, updated or deleted on the
     cell since the slot's confirmed point (its creation, or the last :func:`advance`), up to now
     (``upto`` of the result), without consuming the slot. Writes to a partition count for its
-    partitioned table. Streams the change lines; only keys are kept.
+    partitioned table. Streams the change lines; only keys are kept. ``ignore``: tables known not to
+    matter (the plan's tables never copied).
 
     ``writers_timeout`` (in the write window, on the source): "now" is after every transaction that
     was writing when the read began has ended (:func:`wait_for_writers`)."""
-    roots: dict[str, str | None] = {}
-
-    def root(t: str) -> str | None:
-        if t not in roots:
-            r = conn.execute("SELECT c.relname FROM pg_partition_root(to_regclass(%s)) p JOIN pg_class c ON c.oid = p",
-                             (f"{qident(schema)}.{qident(t)}",)).fetchone() if t not in tables else None
-            roots[t] = t if t in tables else (r[0] if r and r[0] in tables else None)
-        return roots[t]
-
     out = CapturedChanges()
     wanted = {t: frozenset(k) for t, k in tables.items()}
-    named: dict[str, str | None] = {}  # table as written in the stream -> the plan's table (or None)
-
-    def planned(written: str) -> str | None:
-        if written not in named:
-            bare = _bare(written, schema)
-            named[written] = root(bare) if bare is not None else None
-        return named[written]
-    row = _slot_and_flush_point(conn, name, writers=writers_timeout is not None)
+    row = _slot_and_flush_point(conn, name, schema, writers=writers_timeout is not None)
     if row is None or row[0] == "lost":
         raise CaptureUnavailable(f"replication slot {name} does not exist (dropped or invalidated)")
+    partitions: dict[str, str] = row[4] or {}  # each partition of the schema -> its root, read with the slot
+    skipped = frozenset(ignore)
+    later = object()
+    named: dict[str, str | None | object] = {}  # table as written in the stream -> the plan's table (None: not wanted)
+    deferred: dict[str, list[str]] = {}  # lines of tables unknown at the start (created since): resolved after
+
+    def planned(written: str):
+        if written not in named:
+            bare = _bare(written, schema)
+            if bare is None or bare in skipped:
+                named[written] = None
+            elif bare in tables:
+                named[written] = bare
+            elif bare in partitions:
+                named[written] = partitions[bare] if partitions[bare] in tables else None
+            else:
+                named[written] = later
+        return named[written]
+
+    def take(t: str, line: str, head: re.Match | None) -> None:
+        ch = parse_change(line, wanted[t], head)
+        out.changes += 1
+        key = tables[t]
+        if ch.action == "TRUNCATE":
+            out.rescan[t] = "truncated on the source"
+            return
+        got = False
+        for tup in (ch.old, ch.new):
+            if tup and all(c in tup and tup[c] != "unchanged-toast-datum" for c in key):
+                out.keys.setdefault(t, set()).add(tuple(tup[c] for c in key))
+                got = True
+        if not got:
+            out.rescan[t] = f"a {ch.action} without its key columns ({', '.join(key)}) in the change stream"
+
     out.start = row[1]
     upto = row[2]
     if writers_timeout is not None and row[3]:  # their commits come after that flush point: read up to one after them
         out.waited = wait_for_writers(conn, writers_timeout, row[3])
         upto = None
     upto = out.upto = upto or flush_point(conn)
-    with conn.transaction():
-        with conn.cursor(name="om_changes") as cur:
-            try:
-                cur.execute("SELECT data FROM pg_logical_slot_peek_changes(%s, %s::pg_lsn, NULL, 'include-xids', '0', "
-                            "'skip-empty-xacts', '1')", (name, upto))
-                for (line,) in fetched(cur, batch):
-                    if not line.startswith("table "):
-                        continue
-                    fast = _FAST.match(line)
-                    if fast is not None:
-                        t = planned(fast.group("table"))
-                        if t is None:
-                            continue
-                        if tables[t] == [fast.group("col")]:
-                            out.changes += 1
-                            out.keys.setdefault(t, set()).add((fast.group("value"),))
-                            continue
-                    head = _HEAD.match(line)
-                    t = planned(head.group("table")) if head is not None else None
+    # streamed ``batch`` rows at a time in one statement (no cursor to declare, fetch from and close;
+    # no other statement on the connection until it ends)
+    with conn.cursor() as cur:
+        try:
+            for (line,) in cur.stream("SELECT data FROM pg_logical_slot_peek_changes(%s, %s::pg_lsn, NULL, 'include-xids', "
+                                      "'0', 'skip-empty-xacts', '1')", (name, upto), size=batch):
+                if not line.startswith("table "):
+                    continue
+                fast = _FAST.match(line)
+                if fast is not None:
+                    t = planned(fast.group("table"))
                     if t is None:
                         continue
-                    ch = parse_change(line, wanted[t], head)
-                    out.changes += 1
-                    key = tables[t]
-                    if ch.action == "TRUNCATE":
-                        out.rescan[t] = "truncated on the source"
+                    if t is later:
+                        deferred.setdefault(fast.group("table"), []).append(line)
                         continue
-                    got = False
-                    for tup in (ch.old, ch.new):
-                        if tup and all(c in tup and tup[c] != "unchanged-toast-datum" for c in key):
-                            out.keys.setdefault(t, set()).add(tuple(tup[c] for c in key))
-                            got = True
-                    if not got:
-                        out.rescan[t] = f"a {ch.action} without its key columns ({', '.join(key)}) in the change stream"
-            except psycopg.Error as e:
-                raise CaptureUnavailable(str(e).strip()) from e
+                    if tables[t] == [fast.group("col")]:
+                        out.changes += 1
+                        out.keys.setdefault(t, set()).add((fast.group("value"),))
+                        continue
+                head = _HEAD.match(line)
+                t = planned(head.group("table")) if head is not None else None
+                if t is later:
+                    deferred.setdefault(head.group("table"), []).append(line)
+                elif t is not None:
+                    take(t, line, head)
+        except psycopg.Error as e:
+            raise CaptureUnavailable(str(e).strip()) from e
+    for written, lines in deferred.items():  # a partition attached since the start counts for its root
+        r = conn.execute("SELECT c.relname FROM pg_partition_root(to_regclass(%s)) p JOIN pg_class c ON c.oid = p",
+                         (f"{qident(schema)}.{qident(_bare(written, schema))}",)).fetchone()
+        if r is not None and r[0] in tables:
+            for line in lines:
+                take(r[0], line, _HEAD.match(line))
     return out
 
 
