@@ -17,6 +17,7 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class MoveContext:
     log: Callable[[str], None] = field(default=log.info)
     chunk_rows: int = field(default_factory=lambda: int(os.environ.get("ORGMOVER_CHUNK_ROWS", "20000")))
     plans: dict = field(default_factory=dict, repr=False)
+    bounds: dict = field(default_factory=dict, repr=False)  # migration id -> chunk bounds per table (as plans)
     # migration id -> the route version at which this context blocked the org's writes itself
     blocked: dict = field(default_factory=dict, repr=False)
 
@@ -812,7 +814,8 @@ def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_op
         try:
             with cell.connect() as c:
                 got = changes.read_changes(c, name, {t: tp.key for t, tp in plan.tables.items() if tp.strategy != "skip"},
-                                           writers_timeout=writers_timeout)
+                                           writers_timeout=writers_timeout,
+                                           ignore=[t for t, tp in plan.tables.items() if tp.strategy == "skip"])
                 # recorded before the slot forgets it; when this read started at ``after`` it is all there is
                 # since, otherwise what was recorded since ``after`` is read back in the same transaction
                 if after is not None and got.start == after:
@@ -1021,8 +1024,17 @@ def _chunk_sums_both(src_cell: Cell, dst_cell: Cell, plan: Plan, tables: list[st
         return {k: v for f in fs for k, v in f.result().items()}, {k: v for f in fd for k, v in f.result().items()}
 
 
+def _bounds(ctx: MoveContext, mid: int) -> dict[str, list[int]]:
+    """Every table's chunk bounds, read once per process: the plan phase records them all, and they do
+    not change after it (:func:`make_plan` keeps them)."""
+    if mid not in ctx.bounds:
+        ctx.bounds[mid] = ctx.tracking.chunk_bounds(mid)
+    return ctx.bounds[mid]
+
+
 def _chunking_of(ctx: MoveContext, mid: int, plan: Plan, rows: dict, tables: list[str]) -> dict:
-    bounds = ctx.tracking.chunk_bounds(mid)
+    """Per table, its chunk column and chunk bounds."""
+    bounds = _bounds(ctx, mid)
     return {t: (rows[t]["chunk_column"], bounds.get(t, [])) if plan.tables[t].strategy == "org" else (None, [])
             for t in tables}
 
@@ -1455,12 +1467,13 @@ def switchover(ctx: MoveContext, mid: int) -> dict:
 
 
 def _prepare_window(ctx: MoveContext, m: dict, per_cell: int = 8) -> None:
-    """Before writes are blocked: the plan loaded, and a window's worth of connections to each cell
+    """Before writes are blocked: the plan and the chunk bounds loaded, and a window's worth of connections to each cell
     opened and kept idle for it (:class:`orgmover.cells._Idle`), each having read the catalog entries of
     the plan's tables once. Otherwise the window pays for backend starts (3-5 ms each) and each
     backend's first look at every table it touches, inside the write pause (in the DAG, the window's
     task starts with no connection at all)."""
     plan = load_plan(ctx, m["id"])
+    _bounds(ctx, m["id"])
     touch = "; ".join(f"SELECT FROM {qi(t)} LIMIT 0" for t, tp in sorted(plan.tables.items()) if tp.strategy != "skip")
     cells = [ctx.cell(m["source_cell"]), ctx.cell(m["target_cell"])]
 
@@ -1491,9 +1504,12 @@ def _no_gc_pauses():
     back as it was after it."""
     was = gc.isenabled()
     gc.disable()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
     try:
         yield
     finally:
+        sys.setswitchinterval(interval)
         if was:
             gc.enable()
 
