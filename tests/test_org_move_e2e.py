@@ -75,6 +75,19 @@ def test_the_write_window_is_one_task_with_release_as_its_teardown(org_move_dag)
     assert {"max_lag_seconds", "writers_timeout_seconds"} <= set(org_move_dag.params)
 
 
+def test_yes_no_parameters_as_rendered_and_a_bad_one_refused():
+    """The operators read yes/no parameters as Jinja renders them (text unless the DAG renders native
+    objects); a value that is neither is a clear error, not a silent no."""
+    from orgmover.errors import ConfigError
+    from orgmover_airflow.operators.move import _flag
+
+    for value, expected in ((True, True), ("True", True), ("true", True), ("1", True), (1, True),
+                            (False, False), ("False", False), ("0", False), ("", False), (None, False)):
+        assert _flag(value, "switch") is expected, value
+    with pytest.raises(ConfigError, match="switch must be true or false, not 'ture'"):
+        _flag("ture", "switch")
+
+
 def test_dry_run_changes_nothing_and_writes_a_report(devenv, seeded, org_move_dag, ctx):
     org = seeded["gamma"]
     before = (_snap(devenv, "legacy"), _snap(devenv, "cell-1"), devenv.topology().route(org.id))

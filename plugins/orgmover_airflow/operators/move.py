@@ -19,6 +19,18 @@ from orgmover_airflow.hooks import CellHook, MoverStateHook, TopologyHook
 _FINAL = (PreflightError, ConfigError, ValidationFailed, StateError)
 
 
+def _flag(value: Any, name: str) -> bool:
+    """A yes/no DAG parameter in a templated field: a bool, or its rendering ("True", "false", "1", "0")."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", "", "none"):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
 class OrgMoveBaseOperator(BaseOperator):
     """Common wiring. ``migration_id`` is templated (from the preflight task's XCom)."""
 
@@ -85,7 +97,7 @@ class PreflightOperator(OrgMoveBaseOperator):
 
     def run_phase(self, context: Any):
         org = int(self.organization_id)
-        dry = self.dry_run in (True, "True", "true", 1, "1")
+        dry = _flag(self.dry_run, "dry_run")
         maps = {"shards": dict(self.shard_map)} if self.shard_map else None
         ctx = self.move_context()
         if dry:
@@ -157,10 +169,10 @@ class WriteWindowOperator(OrgMoveBaseOperator):
         self.switch, self.full, self.max_lag, self.writers_timeout = switch, full, max_lag, writers_timeout
 
     def run_phase(self, context: Any):
-        flag = lambda v: v if isinstance(v, bool) else str(v).strip().lower() == "true"  # noqa: E731
         seconds = lambda v: None if v in (None, "", "None") else float(v)  # noqa: E731
-        return mover.write_window(self.move_context(), self.mid, switch=flag(self.switch), full=flag(self.full) or None,
-                                  max_lag=seconds(self.max_lag), writers_timeout=seconds(self.writers_timeout))
+        return mover.write_window(self.move_context(), self.mid, switch=_flag(self.switch, "switch"),
+                                  full=_flag(self.full, "full") or None, max_lag=seconds(self.max_lag),
+                                  writers_timeout=seconds(self.writers_timeout))
 
 
 class SwitchoverOperator(OrgMoveBaseOperator):
