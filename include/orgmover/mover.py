@@ -1499,9 +1499,11 @@ def _rows_synced(ctx: MoveContext, mid: int) -> int:
 
 
 @contextlib.contextmanager
-def _no_gc_pauses():
-    """The cyclic garbage collector off for the block (reference counting still frees almost everything),
-    back as it was after it."""
+def _no_pauses():
+    """While writes are blocked: the cyclic garbage collector off (reference counting still frees almost
+    everything), and the interpreter handing its lock between threads every 0.5 ms instead of 5 (a
+    thread whose answer came back from a cell does not wait behind another thread's Python work); both
+    back as they were after it."""
     was = gc.isenabled()
     gc.disable()
     interval = sys.getswitchinterval()
@@ -1578,7 +1580,7 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
         before_block()
     # no collection of the garbage collector's oldest generation (tens of ms with a plan and baselines
     # in memory) while writes are blocked: it waits until after the window
-    with _no_gc_pauses():
+    with _no_pauses():
         t0 = time.monotonic()
         took: dict[str, float] = {}
         maintenance_on(ctx, mid)
