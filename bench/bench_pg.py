@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import os
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,44 +70,78 @@ def _parts(out: dict) -> str:
             f"{took['prepared_before']:.2f}, last catch-up {took['caught_up_before']:.2f}")
 
 
-class SteadyWriter(threading.Thread):
+def _write_steadily(dsn: str, topology_url: str, token: str, org_id: int, rate: float, batch: int,
+                    committed, refused, error, stop) -> None:
+    """The application's loop (in its own process): see :class:`SteadyWriter`."""
+    from orgmover.topology import TopologyClient
+
+    try:
+        with psycopg.connect(dsn) as c, TopologyClient(topology_url, token) as topology:
+            ns = "SELECT id FROM namespaces WHERE organization_id = %s"
+            keys = [("issues", "title", r[0]) for r in c.execute(
+                f"SELECT id FROM issues WHERE namespace_id IN ({ns}) ORDER BY random() LIMIT 2000", (org_id,))]
+            keys += [("notes", "note", r[0]) for r in c.execute(
+                f"SELECT n.id FROM notes n JOIN issues i ON n.noteable_type = 'Issue' AND i.id = n.noteable_id "
+                f"WHERE i.namespace_id IN ({ns}) ORDER BY random() LIMIT 2000", (org_id,))]
+            c.commit()
+            t0, i = time.monotonic(), 0
+            while True:
+                table, column, _ = keys[i % len(keys)]
+                ids = [k[2] for k in keys[i % len(keys): i % len(keys) + batch] if k[0] == table]
+                with c.transaction() as tx:
+                    c.execute(f"UPDATE {table} SET {column} = left(coalesce({column}, ''), 200) || ' (w)' "
+                              f"WHERE id = ANY(%s)", (ids,))
+                    if topology.route(org_id)["maintenance"]:
+                        refused.value += len(ids)
+                        raise psycopg.Rollback(tx)
+                if refused.value:  # idle (not exiting: an interpreter's exit takes CPU) until the benchmark is done
+                    stop.wait()
+                    return
+                committed.value += len(ids)
+                i += batch
+                time.sleep(max(0.0, t0 + committed.value / rate - time.monotonic()))
+    except Exception as e:  # noqa: BLE001 (reported by the benchmark)
+        error.put(repr(e))
+
+
+class SteadyWriter:
     """The application: edits the org's issues and notes at ``rate`` rows/s, ``batch`` rows a transaction,
     until the org is in maintenance. Each transaction writes, then asks the Topology Service, and commits
     only when the org is not in maintenance (otherwise rolls back and stops): the application's side of
-    the window's wait for transactions writing when maintenance goes on."""
+    the window's wait for transactions writing when maintenance goes on. A process of its own, as the
+    application's workers are: a thread of the benchmark would compete with the window for the
+    interpreter's lock, which the mover's task does not share with GitLab's processes."""
 
-    def __init__(self, dsn: str, topology, org_id: int, rate: float = 500.0, batch: int = 5):
-        super().__init__(daemon=True)
-        self.dsn, self.topology, self.org_id, self.rate, self.batch = dsn, topology, org_id, rate, batch
-        self.committed, self.refused, self.error = 0, 0, None
+    def __init__(self, dsn: str, topology_url: str, token: str, org_id: int, rate: float = 500.0, batch: int = 5):
+        ctx = multiprocessing.get_context("spawn")
+        self.rate = rate
+        self._committed, self._refused, self._error, self._stop = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Queue(), ctx.Event()
+        self._process = ctx.Process(target=_write_steadily, daemon=True,
+                                    args=(dsn, topology_url, token, org_id, rate, batch, self._committed, self._refused,
+                                          self._error, self._stop))
 
-    def run(self):
-        try:
-            with psycopg.connect(self.dsn) as c:
-                ns = "SELECT id FROM namespaces WHERE organization_id = %s"
-                keys = [("issues", "title", r[0]) for r in c.execute(
-                    f"SELECT id FROM issues WHERE namespace_id IN ({ns}) ORDER BY random() LIMIT 2000", (self.org_id,))]
-                keys += [("notes", "note", r[0]) for r in c.execute(
-                    f"SELECT n.id FROM notes n JOIN issues i ON n.noteable_type = 'Issue' AND i.id = n.noteable_id "
-                    f"WHERE i.namespace_id IN ({ns}) ORDER BY random() LIMIT 2000", (self.org_id,))]
-                c.commit()
-                t0, i = time.monotonic(), 0
-                while True:
-                    table, column, _ = keys[i % len(keys)]
-                    ids = [k[2] for k in keys[i % len(keys): i % len(keys) + self.batch] if k[0] == table]
-                    with c.transaction() as tx:
-                        c.execute(f"UPDATE {table} SET {column} = left(coalesce({column}, ''), 200) || ' (w)' "
-                                  f"WHERE id = ANY(%s)", (ids,))
-                        if self.topology.route(self.org_id)["maintenance"]:
-                            self.refused += len(ids)
-                            raise psycopg.Rollback(tx)
-                    if self.refused:
-                        return
-                    self.committed += len(ids)
-                    i += self.batch
-                    time.sleep(max(0.0, t0 + self.committed / self.rate - time.monotonic()))
-        except Exception as e:  # noqa: BLE001 (reported by the benchmark)
-            self.error = e
+    def start(self) -> None:
+        self._process.start()
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Let it end once it was refused (it stops writing then, and waits for this)."""
+        self._stop.set()
+        self._process.join(timeout)
+
+    @property
+    def refused(self) -> int:
+        return self._refused.value
+
+    @property
+    def committed(self) -> int:
+        return self._committed.value
+
+    @property
+    def error(self) -> str | None:
+        return None if self._error.empty() else self._error.get()
 
 
 def raw_pipe(src_dsn: str, dst_dsn: str, plan) -> int:
@@ -224,14 +258,16 @@ def main() -> int:
     # nothing to sync but the raw pipe's writes on the target cell, which the target slot saw); the org
     # writes all along, and the window task starts once 1% of it was written since
     mover.catch_up(ctx, mid)
-    writer = SteadyWriter(legacy.dsn, env.topology(), a.id)
+    state = env.load()
+    writer = SteadyWriter(legacy.dsn, env.topology_url(state), state["topology"]["token"], a.id)
     writer.start()
     while writer.committed < a.total // 100 and writer.is_alive():
         time.sleep(0.01)
     t_win, out = window(ctx, mid)
+    refused = writer.refused
     writer.join(30)
-    if writer.error or writer.is_alive():
-        raise SystemExit(f"the application thread failed: {writer.error or 'still writing after the block'}")
+    if writer.error or writer.is_alive() or not refused:
+        raise SystemExit(f"the application process failed: {writer.error or 'still writing after the block'}")
     rows.append(["(b) write window, 1% changed, writes go on", f"{t_win:.2f}s ({_parts(out)})",
                  f"full re-copy: {t_copy:.2f}s", f"{t_win / t_copy:.3f}x", "<= 0.1x"])
     rows.append([f"    {writer.committed:,} rows written at {writer.rate:.0f}/s", "until the block", "", "", ""])
