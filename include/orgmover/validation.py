@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field, fields
 import psycopg
 
 from orgmover.catalog import Catalog
-from orgmover.cells import fetched
 from orgmover.plan import Plan, TablePlan, qi, ql
 from orgmover.secrets import ColumnSpec, SecretError
 
@@ -132,20 +131,20 @@ def _org_rows(tp: TablePlan, columns: str, narrow: str = "true", picked: str | N
     return f"SELECT {columns} FROM {qi(tp.table)} t WHERE {where}"
 
 
-def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, name: str, batch: int = 10000, source: bool = False,
+def _keyed_hashes(conn: psycopg.Connection, tp: TablePlan, batch: int = 10000, source: bool = False,
                   narrow: str = "true", picked: str | None = None, key_columns: bool = False):
     """(key as text, row hash) of the org's rows in key order; with ``key_columns``, then each key column
-    as text (as the change stream writes them)."""
+    as text (as the change stream writes them). Streamed ``batch`` rows at a time by one statement (no
+    cursor to declare, fetch from and close: a diff of the few rows written since the baseline is a
+    handful of round trips with writes blocked); the connection runs nothing else until it is read."""
     vm = tp.value_map if (source and tp.strategy == "shared") else {}
     key = "ROW(" + ", ".join(_mapped(f"t.{qi(c)}", vm) if vm else f"t.{qi(c)}" for c in identity(tp)) + ")::text"
     also = "".join(f", t.{qi(c)}::text" for c in identity(tp)) if key_columns else ""
     sql = (_org_rows(tp, f"{key} AS k, hashtextextended(ROW({', '.join(row_exprs(tp, source))})::text, 0) AS h{also}",
                      narrow, picked)
            + f" ORDER BY {key} COLLATE \"C\"")
-    with conn.transaction():
-        with conn.cursor(name=name) as cur:
-            cur.execute(sql)
-            yield from fetched(cur, batch)
+    with conn.cursor() as cur:
+        yield from cur.stream(sql, size=batch)
 
 
 def _merge_diff(src_iter, dst_iter, samples: int, differing: list | None = None) -> DiffResult:
@@ -194,8 +193,8 @@ def differing_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePl
                 raise Enough
             yield row
 
-    src_rows = _keyed_hashes(src, tp, "om_keys_src", source=True, narrow=narrow, key_columns=True)
-    dst_rows = _aside(_keyed_hashes(dst, tp, "om_keys_dst", narrow=narrow, key_columns=True))
+    src_rows = _keyed_hashes(src, tp, source=True, narrow=narrow, key_columns=True)
+    dst_rows = _aside(_keyed_hashes(dst, tp, narrow=narrow, key_columns=True))
     try:
         _merge_diff(bounded(src_rows), bounded(dst_rows), 0, found)
     except Enough:
@@ -211,8 +210,8 @@ def row_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, sa
     """Row-level diff of the org's rows of one table (streamed merge in key order); ``narrow``: only
     the rows of the chunks whose checksums differ (rows outside it matched by chunk checksum and are
     not counted); ``picked``: only the rows of a key filter (the rows written since the baseline)."""
-    return _merge_diff(_keyed_hashes(src, tp, "om_diff_src", source=True, narrow=narrow, picked=picked),
-                       _aside(_keyed_hashes(dst, tp, "om_diff_dst", narrow=narrow, picked=picked)), samples)
+    return _merge_diff(_keyed_hashes(src, tp, source=True, narrow=narrow, picked=picked),
+                       _aside(_keyed_hashes(dst, tp, narrow=narrow, picked=picked)), samples)
 
 
 class _Raised:
@@ -268,8 +267,10 @@ def _aside(it: Iterator, depth: int = 10_000, batch: int = 500) -> Iterator:
         worker.join()
 
 
-def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, name: str, narrow: str = "true",
+def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, narrow: str = "true",
                    picked: str | None = None):
+    """(key as text, digest of the decrypted values) of the org's rows in key order, streamed as
+    :func:`_keyed_hashes`."""
     specs = [ColumnSpec.from_doc(s) for s in tp.encrypted]
     cols = []
     for s in specs:
@@ -277,18 +278,16 @@ def _plain_digests(conn: psycopg.Connection, tp: TablePlan, key: bytes | None, n
         cols.append(f"t.{qi(s.iv_column)}" if s.iv_column else "NULL")
     keyexpr = "ROW(" + ", ".join(f"t.{qi(c)}" for c in identity(tp)) + ")::text"
     sql = _org_rows(tp, f"{keyexpr}, {', '.join(cols)}", narrow, picked) + f" ORDER BY {keyexpr} COLLATE \"C\""
-    with conn.transaction():
-        with conn.cursor(name=name) as cur:
-            cur.execute(sql)
-            for row in fetched(cur, 5000):
-                h = hashlib.sha256()
-                for i, spec in enumerate(specs):
-                    try:
-                        plain = spec.decrypt(key, row[1 + 2 * i], row[2 + 2 * i])
-                    except SecretError:
-                        plain = b"\x00undecryptable"
-                    h.update(b"\x01" if plain is None else b"\x02" + len(plain).to_bytes(8, "big") + plain)
-                yield row[0], h.hexdigest()
+    with conn.cursor() as cur:
+        for row in cur.stream(sql, size=5000):
+            h = hashlib.sha256()
+            for i, spec in enumerate(specs):
+                try:
+                    plain = spec.decrypt(key, row[1 + 2 * i], row[2 + 2 * i])
+                except SecretError:
+                    plain = b"\x00undecryptable"
+                h.update(b"\x01" if plain is None else b"\x02" + len(plain).to_bytes(8, "big") + plain)
+            yield row[0], h.hexdigest()
 
 
 def encrypted_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePlan, src_key: bytes | None,
@@ -299,8 +298,8 @@ def encrypted_diff(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePl
         return DiffResult()
     if src_key is None or dst_key is None:
         raise SecretError(f"{tp.table} has encrypted columns but a cell key is not configured")
-    return _merge_diff(_plain_digests(src, tp, src_key, "om_enc_src", narrow, picked),
-                       _aside(_plain_digests(dst, tp, dst_key, "om_enc_dst", narrow, picked)), samples)
+    return _merge_diff(_plain_digests(src, tp, src_key, narrow, picked),
+                       _aside(_plain_digests(dst, tp, dst_key, narrow, picked)), samples)
 
 
 @dataclass
