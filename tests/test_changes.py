@@ -89,8 +89,9 @@ def test_a_partition_created_while_the_read_waits_for_writers_counts_for_its_tab
                                                                                       ignore=["other"])))
         thread.start()
         deadline = time.monotonic() + 30
-        while not c.execute("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s AND query LIKE '%%pg_snapshot_xip%%')",
-                            (reader.info.backend_pid,)).fetchone()[0]:
+        # its first statement (the slot, the partitions, the writers) is done: it polls for the writer's end
+        while not c.execute("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s AND query LIKE "
+                            "'SELECT NOT EXISTS (SELECT FROM pg_snapshot_xip%%')", (reader.info.backend_pid,)).fetchone()[0]:
             assert time.monotonic() < deadline and thread.is_alive(), "the read did not wait for the writer"
             time.sleep(0.01)
         c.execute("CREATE TABLE builds_102 PARTITION OF builds FOR VALUES IN (102)")
