@@ -65,8 +65,15 @@ class MoveContext:
     # migration id -> the route version at which this context blocked the org's writes itself
     blocked: dict = field(default_factory=dict, repr=False)
 
+    # cell name -> the cell, resolved once per context (and per resolver: a context copied with another
+    # resolver starts empty); in Airflow each resolution reads connections through the API server
+    cells: dict = field(default_factory=dict, init=False, repr=False)
+
     def cell(self, name: str) -> Cell:
-        return self.resolve_cell(check_cell_name(name))
+        got = self.cells.get((self.resolve_cell, name))
+        if got is None:
+            got = self.cells[(self.resolve_cell, name)] = self.resolve_cell(check_cell_name(name))
+        return got
 
     def owner(self, mid: int) -> str:
         return f"orgmover-migration-{mid}"
@@ -375,9 +382,11 @@ def dry_run(ctx: MoveContext, org_id: int, source: str, target: str,
 
 
 # ------------------------------------------------------------------------------------------ quiesce
-def maintenance_on(ctx: MoveContext, mid: int) -> None:
-    """Block the org's writes: maintenance on in the Topology Service, owned by this migration."""
-    m = ctx.tracking.get(mid)
+def maintenance_on(ctx: MoveContext, mid: int, m: dict | None = None) -> dict:
+    """Block the org's writes: maintenance on in the Topology Service, owned by this migration.
+    ``m``: the migration as just read (the write window reads it before it blocks). Returns it as it
+    is after."""
+    m = m or ctx.tracking.get(mid)
     org = m["organization_id"]
     block = dict(maintenance=True, maintenance_owner=ctx.owner(mid), reason=f"moving to {m['target_cell']}")
     with _phase(ctx, mid, "quiesce"):
@@ -398,16 +407,17 @@ def maintenance_on(ctx: MoveContext, mid: int) -> None:
                 ctx.log(f"organization {org} already in maintenance for migration #{mid} (window {m['maintenance_window']})")
                 if route["version"] == m["route_version"]:
                     ctx.blocked[mid] = route["version"]
-                return
+                return m
             new = ctx.topology.update_route(org, route["version"], **block)
         ctx.blocked[mid] = new["version"]
         # a new window: what changed since the pre-copy is synced and everything validated again in it
-        ctx.tracking.transition(mid, "quiesced", ("copied", "failed", "quiesced", "validating", "validated"),
-                                maintenance_window=m["maintenance_window"] + 1,
-                                maintenance_started_at=datetime.now(timezone.utc), maintenance_ended_at=None,
-                                route_version=new["version"], error=None)
+        m = ctx.tracking.transition(mid, "quiesced", ("copied", "failed", "quiesced", "validating", "validated"),
+                                    maintenance_window=m["maintenance_window"] + 1,
+                                    maintenance_started_at=datetime.now(timezone.utc), maintenance_ended_at=None,
+                                    route_version=new["version"], error=None)
         ctx.tracking.event(mid, "info", f"maintenance on (route version {new['version']})")
         ctx.log(f"organization {org}: writes blocked, maintenance on (route version {new['version']})")
+    return m
 
 
 def _require_maintenance(ctx: MoveContext, m: dict) -> None:
@@ -607,7 +617,7 @@ def sync_shared(ctx: MoveContext, mid: int) -> None:
 
 
 def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = False,
-             later: list[Callable[[], bool]] | None = None) -> list[str] | None:
+             later: list[Callable[[], bool]] | None = None, m: dict | None = None) -> list[str] | None:
     """The write window's work in one task: shared rows, every table's changes since the pre-copy
     (tables in parallel, each worker with its own connections), deletions, foreign keys. Returns the
     tables to validate. One task instead of one per table: in the window, per-task overhead is writes
@@ -616,10 +626,11 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
     ``writable``: the same while the org is still writable (:func:`catch_up`): only the changes since
     the last sync, no foreign-key check (a row may arrive before its parent; the window checks);
     returns None when there is no usable capture slot (nothing was done). ``later``: the foreign-key
-    check is appended to it instead of run (:func:`write_window` runs it while validating)."""
+    check is appended to it instead of run (:func:`write_window` runs it while validating). ``m``: the
+    migration as the window has it, instead of reading it again."""
     import queue
 
-    m = ctx.tracking.get(mid)
+    m = m or ctx.tracking.get(mid)
     if writable:
         route = ctx.topology.route(m["organization_id"])
         if route["maintenance"] or m["state"] not in ("copied", "failed"):
@@ -717,12 +728,15 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
     finally:
         for c in opened:
             release_connection(c)  # kept for the next step of this task when clean
-    ctx.tracking.update_tables(mid, {table: {"sync_detail": res} if writable else
-                                     {"synced_in_window": m["maintenance_window"], "sync_detail": res}
-                                     for table, res in results.items()})
+    recorded = {table: {"sync_detail": res} if writable else {"synced_in_window": m["maintenance_window"], "sync_detail": res}
+                for table, res in results.items()}
+    ctx.tracking.update_tables(mid, recorded)
     ctx.log(f"synced {len(results)} tables in {time.monotonic() - t0:.2f}s: "
             f"{sum(r['changed'] for r in results.values()):,} rows written since the {'last sync' if writable else 'pre-copy'}")
-    out = sync_deletions(ctx, mid, m, captured, catalog_future.result() if catalog_future else None, writable, later)
+    # what sync_deletions reads, as just recorded (only sync_all writes sync_detail, of the org's tables)
+    now = {t: {"strategy": r["strategy"], "synced_in_window": None, "sync_detail": None, **recorded.get(t, {})}
+           for t, r in rows.items()}
+    out = sync_deletions(ctx, mid, m, captured, catalog_future.result() if catalog_future else None, writable, later, now)
     if captured is not None:  # later syncs start from here
         ctx.tracking.merge_options(mid, capture_synced_lsn=captured.upto,
                                    **({"open_route_version": route["version"]} if writable and route["cell"] == m["source_cell"]
@@ -840,13 +854,15 @@ def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_op
 
 
 def sync_deletions(ctx: MoveContext, mid: int, m: dict, captured, catalog: Catalog | None, writable: bool = False,
-                   later: list[Callable[[], bool]] | None = None) -> list[str]:
+                   later: list[Callable[[], bool]] | None = None, rows: dict | None = None) -> list[str]:
     """The end of :func:`sync_all`: apply the source's deletions to the target, then check foreign keys;
     returns the tables to validate. With the captured changes, the check reads only the rows written
     since the pre-copy and the children of the rows the window deleted. ``writable`` (a catch-up before
-    the window): deletions only. ``later``: the check is appended to it instead of run."""
+    the window): deletions only. ``later``: the check is appended to it instead of run. ``rows``: each
+    table's strategy, synced_in_window and sync_detail as :func:`sync_all` just recorded them."""
     plan = load_plan(ctx, mid)
-    rows = {t["table_name"]: t for t in ctx.tracking.tables(mid, ["strategy", "synced_in_window", "sync_detail"])}
+    if rows is None:
+        rows = {t["table_name"]: t for t in ctx.tracking.tables(mid, ["strategy", "synced_in_window", "sync_detail"])}
     stale = [t for t, r in rows.items() if r["strategy"] == "org" and r["synced_in_window"] != m["maintenance_window"]]
     if stale and not writable:
         raise StateError(f"tables not synced in this maintenance window: {', '.join(sorted(stale))}")
@@ -921,8 +937,7 @@ def sync_deletions(ctx: MoveContext, mid: int, m: dict, captured, catalog: Catal
         check()
     else:
         later.append(check)
-    ctx.tracking.phase_finished(mid, "sync")
-    ctx.tracking.phase_started(mid, "validate")  # finished by go_no_go
+    ctx.tracking.phase_finished(mid, "sync", then="validate")  # finished by go_no_go
     return sorted(t for t, p in plan.tables.items() if p.strategy != "skip")
 
 
@@ -1241,7 +1256,7 @@ def _incremental_chunks(plan: Plan, rows: dict, chunking: dict, captured, m: dic
     return out
 
 
-def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bool = False) -> dict:
+def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bool = False, m: dict | None = None) -> dict:
     """Validate every table in one task: each cell computes all checksums on its own connection, the two
     cells in parallel; row-level diffs and secret comparisons only where needed.
 
@@ -1249,11 +1264,12 @@ def validate_all(ctx: MoveContext, mid: int, full: bool | None = None, again: bo
     chunks written since (and those that differed in the baseline) are checksummed again; the others'
     checksums from the baseline stand, since nothing wrote to them on either cell. ``full`` (or the
     migration option ``full_validation``, or ``ORGMOVER_FULL_VALIDATION=1``) checks every chunk; ``again``
-    re-checks tables that already passed in this window."""
+    re-checks tables that already passed in this window. ``m``: the migration as the window has it
+    (:func:`write_window`), instead of reading it again."""
     from orgmover.pgcopy import bucket_sql
     from orgmover.validation import TableValidation, lookup_validation, row_diff, total
 
-    m = ctx.tracking.get(mid)
+    m = m or ctx.tracking.get(mid)
     plan = load_plan(ctx, mid)
     if full is None:
         full = bool((m.get("options") or {}).get("full_validation")) or os.environ.get("ORGMOVER_FULL_VALIDATION") == "1"
@@ -1391,16 +1407,18 @@ def _chunk_range(column: str | None, lows: list[int], k: int) -> str:
     return f"{column} in [{'-inf' if lo is None else lo}, {'+inf' if hi is None else hi})"
 
 
-def go_no_go(ctx: MoveContext, mid: int) -> Path:
-    """Aggregate validation; write the readable validation report; fail on any difference."""
-    m = ctx.tracking.get(mid)
+def go_no_go(ctx: MoveContext, mid: int, replication: dict | None = None, m: dict | None = None) -> Path:
+    """Aggregate validation; write the readable validation report; fail on any difference.
+    ``replication``: the status of a final storage pass that just verified everything, and ``m`` the
+    migration (both as the write window has them), instead of reading them again."""
+    m = m or ctx.tracking.get(mid)
     tables = [t for t in ctx.tracking.tables(mid, ["strategy", "validated_in_window", "validation_state", "validation_detail",
                                                    "source_rows", "target_rows", "source_checksum", "target_checksum"])
               if t["strategy"] in ("org", "shared")]  # not the baselines: the report does not show them
     pending = [t["table_name"] for t in tables if t["validated_in_window"] != m["maintenance_window"]]
     failed = [t for t in tables if t["validation_state"] == "failed"]
     text = report.validation_report(m, tables)
-    repl_done, repl_report, repl_status = replication_state(ctx, mid)
+    repl_done, repl_report, repl_status = replication_state(ctx, mid) if replication is None else (True, "", replication)
     if repl_status:
         text += "\nNon-database data (synced / verified / total):\n" + "\n".join(
             f"  {k:<22} {v['synced']:>6} / {v['verified']:>6} / {v['total']:>6}  ({v['bytes']:,} bytes)"
@@ -1578,32 +1596,33 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
     caught_up = time.monotonic() - t0  # the same
     if before_block is not None:
         before_block()
+    m = ctx.tracking.get(mid)  # as the last catch-up left it; then handed through the window's steps
     # no collection of the garbage collector's oldest generation (tens of ms with a plan and baselines
     # in memory) while writes are blocked: it waits until after the window
     with _no_pauses():
         t0 = time.monotonic()
         took: dict[str, float] = {}
-        maintenance_on(ctx, mid)
+        m = maintenance_on(ctx, mid, m)
         took["maintenance_on"] = time.monotonic() - t0
         checks: list[Callable[[], bool]] = []
         t = time.monotonic()
         with ThreadPoolExecutor(1) as ex:  # rows and storage are independent: both at once
             storage = ex.submit(replicate_final, ctx, mid)
-            sync_all(ctx, mid, later=checks)
+            sync_all(ctx, mid, later=checks, m=m)  # writes none of the migration's fields the later steps read
             took["sync"] = time.monotonic() - t
             t = time.monotonic()
             with ThreadPoolExecutor(1) as fk:  # checks read the target only, so they run while it is validated
                 pending = [fk.submit(c) for c in checks]
-                validate_all(ctx, mid, full=full)
+                validate_all(ctx, mid, full=full, m=m)
                 synced_shared = any([f.result() for f in pending])
             if synced_shared:  # the checks wrote shared rows the validation may have read half-written: again
-                validate_all(ctx, mid, full=full, again=True)
+                validate_all(ctx, mid, full=full, again=True, m=m)
             took["validate"] = time.monotonic() - t
             t = time.monotonic()
-            storage.result()
+            storage_status = storage.result()  # all synced and verified (it raises otherwise)
             took["storage_wait"] = time.monotonic() - t
         t = time.monotonic()
-        report_path = go_no_go(ctx, mid)
+        report_path = go_no_go(ctx, mid, replication=storage_status, m=m)
         took["go_no_go"] = time.monotonic() - t
         if switch:
             t = time.monotonic()
@@ -1801,16 +1820,19 @@ def replication_state(ctx: MoveContext, mid: int) -> tuple[bool, str, dict]:
     from orgmover.replication import Registry
 
     reg = Registry(ctx.tracking, mid)
-    return reg.complete(), reg.stuck_report(), reg.status()
+    done = reg.complete()
+    return done, "" if done else reg.stuck_report(), reg.status()
 
 
 def replicate_final(ctx: MoveContext, mid: int) -> dict:
     """In the write window: a last pass catches changes made since; anything not synced and verified
     then fails the move before the switch."""
+    from orgmover.replication import Registry
+
     status = replicate(ctx, mid, max_passes=2, in_window=True)
-    done, report_text, _ = replication_state(ctx, mid)
-    if not done:
-        raise ValidationFailed("repositories, objects or images are not all synced and verified:\n" + report_text)
+    reg = Registry(ctx.tracking, mid)
+    if not reg.complete():
+        raise ValidationFailed("repositories, objects or images are not all synced and verified:\n" + reg.stuck_report())
     return status
 
 

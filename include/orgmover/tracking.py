@@ -241,16 +241,22 @@ class Tracking:
         raise StateError(f"migration {mid} is {row['state']}; cannot go to {to} (allowed from {', '.join(allowed_from)})")
 
     # -------------------------------------------------------------- phases and events
+    _STARTED = ("INSERT INTO orgmover.phases (migration_id, phase, state) VALUES (%s, %s, 'running') "
+                "ON CONFLICT (migration_id, phase) DO UPDATE SET state = 'running', attempt = orgmover.phases.attempt + 1, "
+                "started_at = now(), finished_at = NULL")
+    _FINISHED = "UPDATE orgmover.phases SET state = %s, finished_at = now() WHERE migration_id = %s AND phase = %s"
+
     def phase_started(self, mid: int, phase: str) -> None:
         with self.conn(single=True) as c:
-            c.execute("INSERT INTO orgmover.phases (migration_id, phase, state) VALUES (%s, %s, 'running') "
-                      "ON CONFLICT (migration_id, phase) DO UPDATE SET state = 'running', attempt = orgmover.phases.attempt + 1, "
-                      "started_at = now(), finished_at = NULL", (mid, phase))
+            c.execute(self._STARTED, (mid, phase))
 
-    def phase_finished(self, mid: int, phase: str, state: str = "succeeded") -> None:
+    def phase_finished(self, mid: int, phase: str, state: str = "succeeded", then: str | None = None) -> None:
+        """``then``: the next phase started, in the same statement."""
         with self.conn(single=True) as c:
-            c.execute("UPDATE orgmover.phases SET state = %s, finished_at = now() WHERE migration_id = %s AND phase = %s",
-                      (state, mid, phase))
+            if then is None:
+                c.execute(self._FINISHED, (state, mid, phase))
+            else:
+                c.execute(f"WITH finished AS ({self._FINISHED}) {self._STARTED}", (state, mid, phase, mid, then))
 
     def phases(self, mid: int) -> list[dict]:
         with self.conn(single=True) as c:
