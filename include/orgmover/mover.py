@@ -617,7 +617,8 @@ def sync_shared(ctx: MoveContext, mid: int) -> None:
 
 
 def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = False,
-             later: list[Callable[[], bool]] | None = None, m: dict | None = None) -> list[str] | None:
+             later: list[Callable[[], bool]] | None = None, m: dict | None = None,
+             foreign_keys: Catalog | None = None) -> list[str] | None:
     """The write window's work in one task: shared rows, every table's changes since the pre-copy
     (tables in parallel, each worker with its own connections), deletions, foreign keys. Returns the
     tables to validate. One task instead of one per table: in the window, per-task overhead is writes
@@ -627,7 +628,8 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
     the last sync, no foreign-key check (a row may arrive before its parent; the window checks);
     returns None when there is no usable capture slot (nothing was done). ``later``: the foreign-key
     check is appended to it instead of run (:func:`write_window` runs it while validating). ``m``: the
-    migration as the window has it, instead of reading it again."""
+    migration as the window has it, instead of reading it again; ``foreign_keys``: the target's,
+    read before the block (:func:`_prepare_window`)."""
     import queue
 
     m = m or ctx.tracking.get(mid)
@@ -647,15 +649,18 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
         with dst_cell.connect() as c:
             return read_foreign_keys(c)
 
-    catalog_future = background.submit(target_catalog) if not writable and later is None else None  # later: the check reads it
+    catalog_future = background.submit(target_catalog) if not writable and later is None and foreign_keys is None \
+        else None  # later: the check reads it
     blocked = background.submit(_require_maintenance, ctx, m) if not writable else None
     background.shutdown(wait=False)
     # what was written since the last sync (the pre-copy, or the last catch-up); in the window, up to after
     # the transactions that were writing when the writes were blocked (they may still commit org rows)
     writers = None if writable else float((m.get("options") or {}).get("writers_timeout", WRITERS_TIMEOUT))
     try:
+        # in the window the slot is not advanced (a round trip that decodes again, with writes blocked): the
+        # switch drops it, and a retried window's read merges what this one recorded
         captured = _captured_changes(ctx, m, src_cell, plan, after=(m.get("options") or {}).get("capture_synced_lsn"),
-                                     writers_timeout=writers)
+                                     writers_timeout=writers, move_slot=writable)
         if captured is None and writers is not None:  # the scan below must see them committed too
             from orgmover.changes import wait_for_writers
 
@@ -736,7 +741,8 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
     # what sync_deletions reads, as just recorded (only sync_all writes sync_detail, of the org's tables)
     now = {t: {"strategy": r["strategy"], "synced_in_window": None, "sync_detail": None, **recorded.get(t, {})}
            for t, r in rows.items()}
-    out = sync_deletions(ctx, mid, m, captured, catalog_future.result() if catalog_future else None, writable, later, now)
+    out = sync_deletions(ctx, mid, m, captured, catalog_future.result() if catalog_future else foreign_keys, writable,
+                         later, now)
     if captured is not None:  # later syncs start from here
         ctx.tracking.merge_options(mid, capture_synced_lsn=captured.upto,
                                    **({"open_route_version": route["version"]} if writable and route["cell"] == m["source_cell"]
@@ -807,7 +813,7 @@ def _needs_shared_sync(plan: Plan, captured) -> bool:
 
 def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_option: str = "capture_slot",
                       after: str | None = None, drained: bool = False, advance: bool = True,
-                      writers_timeout: float | None = None):
+                      writers_timeout: float | None = None, move_slot: bool = True):
     """The keys written on ``cell`` (the source, or with ``slot_option="capture_target_slot"`` the
     target) since the read that went up to ``after`` (None: since the slot was created), from the
     change-capture slot: what it holds now is read, recorded in tracking, and the slot advanced
@@ -817,7 +823,8 @@ def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_op
     the slot is only read (nothing recorded, the next read sees the same again). None when there
     is no usable slot (never opened, dropped by a release, invalidated): then every table is scanned
     (validated in full). ``writers_timeout``: read up to after the transactions writing when the read
-    began (:func:`orgmover.changes.wait_for_writers`)."""
+    began (:func:`orgmover.changes.wait_for_writers`). ``move_slot=False``: recorded, but the slot not
+    advanced (the next read of it sees this one's changes again, and merges them)."""
     from orgmover import changes
 
     name = (m.get("options") or {}).get(slot_option)
@@ -840,7 +847,7 @@ def _captured_changes(ctx: MoveContext, m: dict, cell: Cell, plan: Plan, slot_op
                     out = ctx.tracking.captured(m["id"], name, after, add=got if got.changes else None)
                 else:
                     out = ctx.tracking.captured(m["id"], name, after).update(got)
-                if advance:
+                if advance and move_slot:
                     changes.advance(c, name, got.upto)
         except changes.CaptureUnavailable as e:
             ctx.log(f"change capture on {cell.name}: {e}; scanning the rows written since the pre-copy instead")
@@ -1484,12 +1491,13 @@ def switchover(ctx: MoveContext, mid: int) -> dict:
     return new
 
 
-def _prepare_window(ctx: MoveContext, m: dict, per_cell: int = 8) -> None:
+def _prepare_window(ctx: MoveContext, m: dict, per_cell: int = 8) -> Catalog:
     """Before writes are blocked: the plan and the chunk bounds loaded, and a window's worth of connections to each cell
     opened and kept idle for it (:class:`orgmover.cells._Idle`), each having read the catalog entries of
     the plan's tables once. Otherwise the window pays for backend starts (3-5 ms each) and each
     backend's first look at every table it touches, inside the write pause (in the DAG, the window's
-    task starts with no connection at all)."""
+    task starts with no connection at all). Returns the target's foreign keys, for the window's check
+    of the rows it touched (read here, they cost nothing while writes are blocked)."""
     plan = load_plan(ctx, m["id"])
     _bounds(ctx, m["id"])
     touch = "; ".join(f"SELECT FROM {qi(t)} LIMIT 0" for t, tp in sorted(plan.tables.items()) if tp.strategy != "skip")
@@ -1501,13 +1509,19 @@ def _prepare_window(ctx: MoveContext, m: dict, per_cell: int = 8) -> None:
             c.execute(touch)
         return c
 
+    def target_foreign_keys():
+        with cells[1].connect() as c:
+            return read_foreign_keys(c)
+
     with ThreadPoolExecutor(4) as ex:
         futures = [ex.submit(opened, c) for c in cells for _ in range(per_cell)]
+        fks = ex.submit(target_foreign_keys)
     for f in futures:  # every one opened is given back, also when another failed (which then fails the task)
         if f.exception() is None:
             release_connection(f.result())
     for f in futures:
         f.result()
+    return fks.result()
 
 
 def _rows_synced(ctx: MoveContext, mid: int) -> int:
@@ -1589,7 +1603,7 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
         ctx.log(f"migration #{mid} completed already: routed to {m['target_cell']} (route version {m['route_version']})")
         return {"report": (m.get("validation") or {}).get("report"), "switched": True, "seconds": {}}
     t0 = time.monotonic()
-    _prepare_window(ctx, m)
+    foreign_keys = _prepare_window(ctx, m)
     prepared = time.monotonic() - t0  # writes still open: not part of the window
     t0 = time.monotonic()
     passes = _last_catch_up(ctx, m)
@@ -1608,7 +1622,8 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
         t = time.monotonic()
         with ThreadPoolExecutor(1) as ex:  # rows and storage are independent: both at once
             storage = ex.submit(replicate_final, ctx, mid)
-            sync_all(ctx, mid, later=checks, m=m)  # writes none of the migration's fields the later steps read
+            # sync_all writes none of the migration's fields the later steps read
+            sync_all(ctx, mid, later=checks, m=m, foreign_keys=foreign_keys)
             took["sync"] = time.monotonic() - t
             t = time.monotonic()
             with ThreadPoolExecutor(1) as fk:  # checks read the target only, so they run while it is validated
