@@ -133,9 +133,10 @@ _PARTITIONS = ("(SELECT json_object_agg(c.relname, r.relname) FROM pg_class c JO
 
 def _slot_and_flush_point(conn: psycopg.Connection, name: str, schema: str, writers: bool = False) -> tuple | None:
     """(wal_status, confirmed point, flush point or None, writing transactions or None, the partitions
-    of ``schema`` and their roots) of the slot; None when it does not exist. On PostgreSQL 17+ where the role may log running transactions, in
-    one round trip with the snapshot and the flush point of :func:`flush_point` (in the window every
-    round trip is writes blocked); otherwise the flush point is left to :func:`flush_point`.
+    of ``schema`` and their roots) of the slot; None when it does not exist. On PostgreSQL 17+ where
+    the role may log running transactions, in one round trip with the snapshot and the flush point of
+    :func:`flush_point` (in the window every round trip is writes blocked); otherwise the flush point
+    is left to :func:`flush_point`.
     ``writers``: also the ids of the transactions writing on the cell at this moment."""
     where = _where(conn)
     also = f", {_WRITING}" if writers else ", NULL"

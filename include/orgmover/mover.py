@@ -440,9 +440,7 @@ def _transformer(src, dst, plan: Plan, tp, src_cell: Cell, dst_cell: Cell):
 
 
 def _chunking(ctx: MoveContext, mid: int, table: str) -> tuple[str | None, list[int]]:
-    row = ctx.tracking.table(mid, table)
-    chunks = ctx.tracking.chunks(mid, table)
-    return row["chunk_column"], [c["lo"] for c in chunks[1:]]
+    return ctx.tracking.table(mid, table)["chunk_column"], _bounds(ctx, mid).get(table, [])
 
 
 def copy_shared_rows(ctx: MoveContext, mid: int, in_window: bool = False, phase: str | None = None) -> None:
@@ -712,7 +710,7 @@ def sync_all(ctx: MoveContext, mid: int, workers: int = 4, writable: bool = Fals
                 return table, {"mode": "captured", "keys": len(keys), **res}
             if captured is not None:
                 ctx.log(f"sync {table}: {captured.rescan[table]}: scanning the rows written since the pre-copy")
-            column, bounds = rows[table]["chunk_column"], [c["lo"] for c in ctx.tracking.chunks(mid, table)[1:]]
+            column, bounds = rows[table]["chunk_column"], _bounds(ctx, mid).get(table, [])
             with dst_cell.connect() as dst2:
                 return table, {"mode": "scan", **sync_changed_rows(src, dst, plan, tp, column, bounds, m["precopy_xmin"],
                                                                    _transformer(src, dst, plan, tp, src_cell, dst_cell),
@@ -1492,12 +1490,12 @@ def switchover(ctx: MoveContext, mid: int) -> dict:
 
 
 def _prepare_window(ctx: MoveContext, m: dict, per_cell: int = 8) -> Catalog:
-    """Before writes are blocked: the plan and the chunk bounds loaded, and a window's worth of connections to each cell
-    opened and kept idle for it (:class:`orgmover.cells._Idle`), each having read the catalog entries of
-    the plan's tables once. Otherwise the window pays for backend starts (3-5 ms each) and each
-    backend's first look at every table it touches, inside the write pause (in the DAG, the window's
-    task starts with no connection at all). Returns the target's foreign keys, for the window's check
-    of the rows it touched (read here, they cost nothing while writes are blocked)."""
+    """Before writes are blocked: the plan and the chunk bounds loaded, and a window's worth of connections to
+    each cell opened and kept idle for it (:class:`orgmover.cells._Idle`), each having read the catalog
+    entries of the plan's tables once. Otherwise the window pays for backend starts (3-5 ms each) and each
+    backend's first look at every table it touches, inside the write pause (in the DAG, the window's task
+    starts with no connection at all). Returns the target's foreign keys, for the window's check of the rows
+    it touched (read here, they cost nothing while writes are blocked)."""
     plan = load_plan(ctx, m["id"])
     _bounds(ctx, m["id"])
     touch = "; ".join(f"SELECT FROM {qi(t)} LIMIT 0" for t, tp in sorted(plan.tables.items()) if tp.strategy != "skip")
@@ -1582,17 +1580,17 @@ def _last_catch_up(ctx: MoveContext, m: dict, settle: float = 0.25, max_passes: 
 def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | None = None,
                  before_block: Callable[[], None] | None = None, max_lag: float | None = None,
                  writers_timeout: float | None = None) -> dict:
-    """The write window in one call (one task of the DAG: between tasks, writes would stay blocked for
-    the scheduler): a last catch-up while the org is still writable (:func:`_last_catch_up`);
-    ``before_block()``, if given, right after it (tests and the benchmark write there what lands in
-    the instant before the block, all of it for the window to sync); maintenance on; the rows and
-    the storage synced at once; the foreign keys of what the sync touched checked while the rows are
-    validated; go/no-go; and with ``switch`` the route switched, which lifts maintenance. Each step records its progress, so a retry resumes;
-    a failure leaves the org in maintenance on the source (:func:`release`, the DAG's teardown, lifts
-    it). ``max_lag`` and ``writers_timeout`` (seconds) set the migration's ``max_lag_seconds`` and
-    ``writers_timeout`` (kept for retries). Returns the validation report's path, whether the route was
-    switched, and the seconds of each part and of the whole window (the part before writes are
-    blocked apart)."""
+    """The write window in one call (one task of the DAG: between tasks, writes would stay blocked for the
+    scheduler): a last catch-up while the org is still writable (:func:`_last_catch_up`);
+    ``before_block()``, if given, right after it (tests and the benchmark write there what lands in the
+    instant before the block, all of it for the window to sync); maintenance on; the rows and the storage
+    synced at once; the foreign keys of what the sync touched checked while the rows are validated;
+    go/no-go; and with ``switch`` the route switched, which lifts maintenance. Each step records its
+    progress, so a retry resumes; a failure leaves the org in maintenance on the source (:func:`release`,
+    the DAG's teardown, lifts it). ``max_lag`` and ``writers_timeout`` (seconds) set the migration's
+    ``max_lag_seconds`` and ``writers_timeout`` (kept for retries). Returns the validation report's path,
+    whether the route was switched, and the seconds of each part and of the whole window (the part before
+    writes are blocked apart)."""
     limits = {k: float(v) for k, v in (("max_lag_seconds", max_lag), ("writers_timeout", writers_timeout)) if v is not None}
     if any(v < 0 for v in limits.values()):
         raise ConfigError(f"negative limits for the write window: {limits}")
@@ -1611,9 +1609,7 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
     if before_block is not None:
         before_block()
     m = ctx.tracking.get(mid)  # as the last catch-up left it; then handed through the window's steps
-    # no collection of the garbage collector's oldest generation (tens of ms with a plan and baselines
-    # in memory) while writes are blocked: it waits until after the window
-    with _no_pauses():
+    with _no_pauses():  # no garbage collection (tens of ms with a plan and baselines in memory) until after it
         t0 = time.monotonic()
         took: dict[str, float] = {}
         m = maintenance_on(ctx, mid, m)

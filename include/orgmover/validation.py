@@ -201,7 +201,7 @@ def differing_keys(src: psycopg.Connection, dst: psycopg.Connection, tp: TablePl
         return None
     finally:
         dst_rows.close()
-        src_rows.close()  # ends its transaction when the diff stopped early
+        src_rows.close()  # ends its stream (the rest of the query cancelled) when the diff stopped early
     return [tuple(row[2:]) for row in found] if len(found) <= limit else None
 
 
