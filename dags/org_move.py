@@ -1,10 +1,12 @@
 """org_move: move one GitLab organization from one cell to another.
 
-preflight -> plan -> pre-copy and replication (org writable) -> catch-up -> the write window in one task
-(maintenance on, sync what changed, validate, go/no-go, switch) [-> a person approves -> switch],
-with ``release`` as the teardown of the maintenance window: whatever fails after maintenance went
-on, maintenance is lifted and the route stays on the source. A dry run stops after preflight with a
-readable report and changes nothing. Thin file: the work is in ``orgmover`` and ``orgmover_airflow``.
+preflight -> plan -> pre-copy and replication (org writable) -> catch-up [-> a person approves, the org
+still writable] -> the write window in one task (maintenance on, sync what changed, validate, go/no-go,
+switch). Whatever fails once maintenance is on, the window lifts it and the route stays on the source;
+``release``, the teardown of the whole run (its setup is preflight), lifts what a killed window left and
+marks an unfinished migration failed, for a later run to resume. One run drives a migration. A dry run
+stops after preflight with a readable report and changes nothing. Thin file: the work is in
+``orgmover`` and ``orgmover_airflow``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Param, TaskGroup, TriggerRule
 
-from orgmover_airflow.operators import (CatchUpOperator, CopyTableOperator, PlanOperator, PrecopyDoneOperator,
+from orgmover_airflow.operators import (CatchUpOperator, CopyTablesOperator, PlanOperator, PrecopyDoneOperator,
                                         PreflightOperator, PrepareTargetOperator, ReleaseOperator, ReplicateOperator,
-                                        SummaryOperator, SwitchoverOperator, WriteWindowOperator)
+                                        SummaryOperator, WriteWindowOperator)
 from orgmover_airflow.operators.move import ReplicateBatchOperator, ReplicateScanOperator
 from orgmover_airflow.sensors import ReplicationSensor
 
@@ -28,10 +30,10 @@ CELL = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[a-z0-9]
 
 
 class ApprovalGate(BaseBranchOperator):
-    """Goes through the human approval only when the run asks for it."""
+    """Goes through the human approval only when the run asks for it (before writes are blocked)."""
 
     def choose_branch(self, context):
-        return "switchover.approve" if context["params"].get("require_approval") else "switchover.switch_route"
+        return "approval.approve" if context["params"].get("require_approval") else "window.cutover"
 
 
 with DAG(
@@ -53,7 +55,8 @@ with DAG(
         "dry_run": Param(False, type="boolean", title="Dry run",
                          description="Check and plan only, write a report, change nothing"),
         "require_approval": Param(False, type="boolean", title="Require approval",
-                                  description="Wait for a person to approve the switch after validation passed"),
+                                  description="Wait for a person to approve the move after the catch-up, while the org "
+                                              "is still writable; the window then runs without waiting"),
         "full_validation": Param(False, type="boolean", title="Full validation in the window",
                                  description="Checksum every chunk of every table while writes are blocked, instead of "
                                              "comparing only the rows written since the baseline taken after the pre-copy"),
@@ -84,8 +87,11 @@ with DAG(
 
     with TaskGroup("copy", tooltip="pre-copy while the org is writable: COPY streaming, resumable chunks") as g_copy:
         prepare = PrepareTargetOperator(task_id="shared_rows", migration_id=MID)
-        copies = CopyTableOperator.partial(task_id="copy_table", migration_id=MID, max_active_tis_per_dag=4,
-                                           map_index_template="{{ task.table }}").expand(table=plan.output)
+        # a few tasks sized by the plan's bytes, not one per table: a task start costs about a second
+        copies = CopyTablesOperator.partial(
+            task_id="copy_tables", migration_id=MID, max_active_tis_per_dag=4,
+            map_index_template="{{ task.tables | length }} tables: {{ task.tables[:3] | join(', ') }}"
+                               "{{ ', ...' if task.tables | length > 3 else '' }}").expand(tables=plan.output)
         precopied = PrecopyDoneOperator(task_id="precopy_done", migration_id=MID)
         prepare >> copies >> precopied
 
@@ -105,36 +111,35 @@ with DAG(
         # the rows written since the pre-copy synced and the baseline refreshed right before the window
         catch = CatchUpOperator(task_id="catch_up", migration_id=MID)
 
-    # the write window is ONE task: between tasks, writes would stay blocked while the scheduler starts
-    # the next one (seconds each). Inside: maintenance on, rows and storage synced at once, foreign keys
-    # checked while the rows are validated, go/no-go (readable report), and the route switched unless a
-    # person approves first; each step logs and records its progress, so a retry resumes
-    with TaskGroup("window", tooltip="writes blocked: maintenance on, sync, validate, go/no-go, switch") as g_window:
-        cutover = WriteWindowOperator(task_id="cutover", migration_id=MID, switch="{{ not params.require_approval }}",
-                                      full="{{ params.full_validation }}", max_lag="{{ params.max_lag_seconds }}",
-                                      writers_timeout="{{ params.writers_timeout_seconds }}",
-                                      # a retry resumes with writes still blocked: soon, not after a backoff
-                                      retry_delay=timedelta(seconds=2), retry_exponential_backoff=False)
-
-    with TaskGroup("switchover", tooltip="route to target, maintenance off") as g_switch:
+    with TaskGroup("approval", tooltip="a person approves, the org still writable (require_approval)") as g_approval:
         gate = ApprovalGate(task_id="approval_gate")
         approve = ApprovalOperator(
             task_id="approve",
-            subject="Switch organization {{ params.organization_id }} to cell {{ params.target_cell }}?",
-            body="Validation passed: {{ ti.xcom_pull(task_ids='window.cutover') }}. The organization is in "
-                 "maintenance (writes blocked) until you answer.",
+            subject="Move organization {{ params.organization_id }} to cell {{ params.target_cell }}?",
+            body="{{ ti.xcom_pull(task_ids='quiesce.catch_up', key='approval') }}",
             fail_on_reject=True, response_timeout=timedelta(hours=2), retries=0)
-        switch = SwitchoverOperator(task_id="switch_route", migration_id=MID,
-                                    trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-        summary = SummaryOperator(task_id="summary", migration_id=MID)
-        gate >> [approve, switch]
-        approve >> switch >> summary
+        gate >> approve
 
-    # teardown of the maintenance window: runs whenever the window task ran, whatever failed in it or
-    # after; teardowns do not decide the run's state, so a failed copy still fails the run
-    release = ReleaseOperator(task_id="release", migration_id=MID, retries=3).as_teardown(setups=cutover)
+    # the write window is ONE task: between tasks, writes would stay blocked while the scheduler starts
+    # the next one (seconds each). Inside: maintenance on, rows and storage synced at once, foreign keys
+    # checked while the rows are validated, go/no-go (readable report), the route switched; whatever fails
+    # in it, it lifts maintenance before it ends. A retry (2 s later) runs a new window
+    with TaskGroup("window", tooltip="writes blocked: maintenance on, sync, validate, go/no-go, switch") as g_window:
+        cutover = WriteWindowOperator(task_id="cutover", migration_id=MID, switch=True,
+                                      full="{{ params.full_validation }}", max_lag="{{ params.max_lag_seconds }}",
+                                      writers_timeout="{{ params.writers_timeout_seconds }}",
+                                      trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+                                      retry_delay=timedelta(seconds=2), retry_exponential_backoff=False)
+        summary = SummaryOperator(task_id="summary", migration_id=MID)
+        cutover >> summary
+
+    # teardown of the whole run (setup: preflight, which creates or adopts the migration): runs once
+    # everything else is done, whatever failed (the run's state is its other tasks': a failed window fails it)
+    release = ReleaseOperator(task_id="release", migration_id=MID, retries=5, retry_delay=timedelta(seconds=5)
+                              ).as_teardown(setups=check)
 
     is_move >> plan >> prepare
     precopied >> scan
-    replicated >> catch >> cutover >> gate
+    replicated >> catch >> gate
+    [gate, approve] >> cutover
     summary >> release

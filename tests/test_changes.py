@@ -397,8 +397,8 @@ def test_the_window_waits_for_transactions_writing_when_maintenance_went_on(deve
 
 def test_a_writer_still_running_after_the_timeout_fails_the_window_and_a_retry_syncs_it(devenv, seeded, ctx):
     """A transaction still writing after the wait fails the window with its pid and statement; nothing
-    is synced, the org stays in maintenance on the source. Once it has committed, the retried window
-    syncs its row and switches."""
+    is synced, and the window lifts maintenance before it raises (the org writable on the source). Once
+    the writer has committed, the retried window syncs its row and switches."""
     org = seeded["dalet"]
     topo = devenv.topology()
     src_dsn, dst_dsn = devenv.resolve_cell("legacy").dsn, devenv.resolve_cell("cell-1").dsn
@@ -415,7 +415,9 @@ def test_a_writer_still_running_after_the_timeout_fails_the_window_and_a_retry_s
                                      rf"transaction in database gitlab\w* since .*: UPDATE issues SET title"):
                 mover.write_window(ctx, mid)
             route = topo.route(org.id)
-            assert route["cell"] == "legacy" and route["maintenance"] and route["maintenance_owner"] == ctx.owner(mid)
+            # the window lifted maintenance before it raised: the org writable on the source, the migration failed
+            assert route["cell"] == "legacy" and not route["maintenance"] and route["maintenance_owner"] is None
+            assert ctx.tracking.get(mid)["state"] == "failed" and "still running" in ctx.tracking.get(mid)["error"]
             assert snapshot(dst_dsn, key) == before
             writer.commit()
         out = mover.write_window(ctx, mid)
@@ -459,8 +461,8 @@ def test_a_chunk_that_differs_in_the_baseline_is_compared_by_the_keys_that_diffe
         assert detail["incremental"]["written_rows_compared"] == 2
         assert detail["written"]["matching"] == 1 and detail["written"]["mismatched"] == 1
         assert detail["written"]["samples"]["mismatched"] == [f"({last})"]
-        route = devenv.topology().route(org.id)  # not switched: in maintenance on the source until the release
-        assert route["cell"] == "legacy" and route["maintenance"]
+        route = devenv.topology().route(org.id)  # not switched, and maintenance lifted by the window itself
+        assert route["cell"] == "legacy" and not route["maintenance"]
         # the lookup of the keys that differ, as the baseline does it: more than its limit gives none
         from orgmover.validation import differing_keys
 

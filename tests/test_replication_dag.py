@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 from airflow.sdk._shared.module_loading import import_string
-from airflow.sdk.exceptions import TaskDeferred
+from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 
 from orgmover import mover
 from orgmover.replication import FAILED, Registry, Replicable
@@ -157,7 +157,7 @@ def test_sensor_times_out_with_a_readable_list_then_a_due_retry_completes(devenv
         batches = [t for t in states if t.startswith("replicate.sync_batch[")]
         assert len(batches) > 3 and all(states[t] == "success" for t in batches), states  # several batches per kind
         assert states["replicate.scan"] == states["replicate.converge"] == "success"
-        assert states["window.cutover"] == "upstream_failed" and states["switchover.switch_route"] == "upstream_failed"
+        assert states["window.cutover"] == "upstream_failed" and states["window.summary"] == "upstream_failed"
         # nothing was switched: same route, same version, never in maintenance
         assert devenv.topology().route(org.id) == route_before
         m = ctx.tracking.latest_for_org(org.id)
@@ -188,7 +188,9 @@ def test_sensor_times_out_with_a_readable_list_then_a_due_retry_completes(devenv
             c.execute("UPDATE orgmover.replicables SET retry_at = now() + interval '2 seconds' WHERE migration_id = %s "
                       "AND state = %s", (mid, FAILED))
         sensor = ReplicationSensor(task_id="wait", migration_id=mid, max_wait_seconds=60, poke_interval=1)
-        context = {"run_id": "manual-after-fix"}
+        context = {"run_id": ctx.tracking.get(mid)["dag_run_id"]}  # a task of the run that drives the migration
+        with pytest.raises(AirflowFailException, match=r"is driven by run .*not this run \('another-run'\)"):
+            sensor.execute({"run_id": "another-run"})  # one of another run stops before it changes anything
         with pytest.raises(TaskDeferred) as deferred:
             sensor.execute(context)  # the retry is not due yet: hand the wait to the trigger
         assert deferred.value.method_name == "execute_complete"

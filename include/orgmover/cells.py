@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from orgmover.errors import ConfigError
+from orgmover.errors import ConfigError, Unreachable
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -162,7 +162,7 @@ class Cell:
         try:
             conn = CellConnection.connect(self.dsn, connect_timeout=10, **kw)
         except psycopg.OperationalError as e:
-            raise ConfigError(f"cell {self.name}: PostgreSQL is not reachable ({str(e).strip().splitlines()[0]})") from e
+            raise Unreachable(f"cell {self.name}: PostgreSQL is not reachable ({str(e).strip().splitlines()[0]})") from e
         conn.execute(SESSION)
         if not kw.get("autocommit"):
             conn.commit()

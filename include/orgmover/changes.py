@@ -27,7 +27,7 @@ from typing import Iterable
 
 import psycopg
 
-from orgmover.errors import StateError
+from orgmover.errors import StateError, TransientError
 
 PLUGIN = "test_decoding"
 _HEAD = re.compile(r"^table (?P<table>.+?): (?P<action>INSERT|UPDATE|DELETE|TRUNCATE):(?P<rest>.*)$", re.S)
@@ -41,7 +41,7 @@ class CaptureUnavailable(Exception):
     """The slot cannot be created or read (e.g. wal_level is not logical, no free slot)."""
 
 
-class WritersStillRunning(StateError):
+class WritersStillRunning(TransientError, StateError):
     """Transactions that were writing on the cell when the org's writes were blocked are still running:
     what they will commit cannot be synced yet (and must not be lost by switching without it)."""
 

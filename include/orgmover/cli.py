@@ -131,7 +131,7 @@ def cmd_show(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orgmover", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--home", help="local environment directory (default $ORGMOVER_HOME or ./.orgmover)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -167,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     sh = sub.add_parser("show")
     sh.add_argument("migration", type=int)
     sh.set_defaults(fn=cmd_show)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         return args.fn(args)
     except OrgMoverError as e:

@@ -32,7 +32,7 @@ from orgmover.catalog import Catalog, load_dictionary, read_catalog, read_foreig
 from orgmover.cells import Cell, check_cell_name
 from orgmover.cells import release as release_connection
 from orgmover.errors import (ClassificationError, ConfigError, OrgMoverError, PreflightError, StateError,
-                             ValidationFailed)
+                             ValidationFailed, is_transient)
 from orgmover.pgcopy import (INTEGER_TYPES, Progress, apply_deletions, check_shared_matches, chunk_bounds, copy_chunk,
                              bind, delete_absent, delete_org_rows, key_collisions, key_filter, key_types, org_keys, org_stats,
                              remap_tables, row_transformer, rows_through, sync_changed_rows, sync_keys, sync_shared_table)
@@ -237,10 +237,19 @@ def _inverted_maps(maps: dict) -> tuple[dict, str | None]:
     return out, None
 
 
+def _driven_elsewhere(org_id: int, m: dict) -> PreflightError:
+    return PreflightError(f"organization {org_id} is being moved by run {m['dag_run_id']!r} (migration #{m['id']}, "
+                          f"{m['state']}), which is still running: one run drives a migration. Wait for that run "
+                          f"to end, or mark it failed, then trigger again; nothing was changed")
+
+
 def preflight(ctx: MoveContext, org_id: int, source: str, target: str, run_id: str | None = None,
-              value_maps: dict | None = None) -> int:
+              value_maps: dict | None = None, run_alive: Callable[[str], bool] | None = None) -> int:
     """Run every check; on success create (or adopt an unfinished) migration. Changes no cell.
-    ``value_maps`` maps shared rows matched on one column, e.g. {"shards": {"storage-2": "default"}}."""
+    ``value_maps`` maps shared rows matched on one column, e.g. {"shards": {"storage-2": "default"}}.
+    One run drives a migration: an unfinished one is adopted only when the run that drove it has ended
+    (``run_alive(run_id)`` says whether a run is still queued or running; without it, any run adopts);
+    two runs at the same instant, exactly one gets it and the other the same refusal."""
     ctx.tracking.ensure_schema()  # the mover's own tables, upgraded in place (idempotent), once per run
     res = run_checks(ctx, org_id, source, target, value_maps)
     for n in res.notes:
@@ -248,11 +257,25 @@ def preflight(ctx: MoveContext, org_id: int, source: str, target: str, run_id: s
     if res.problems:
         raise PreflightError(res.problems)
     if res.migration_id is not None:
-        m = ctx.tracking.update(res.migration_id, dag_run_id=run_id, error=None)
-        ctx.tracking.event(m["id"], "info", f"adopted by run {run_id}: resuming ({m['state']})")
+        m = ctx.tracking.get(res.migration_id)
+        other = m["dag_run_id"]
+        if other and other != run_id and run_alive is not None and run_alive(other):
+            raise _driven_elsewhere(org_id, m)
+        adopted = ctx.tracking.adopt(m["id"], other, run_id)
+        if adopted is None:  # another run adopted it between the read and the compare-and-set
+            raise _driven_elsewhere(org_id, ctx.tracking.get(m["id"]))
+        m = adopted
+        if other != run_id:
+            ctx.tracking.event(m["id"], "info", f"adopted by run {run_id} from run {other} (ended): resuming ({m['state']})")
         ctx.log(f"resuming migration #{m['id']} of organization {org_id} ({m['state']})")
     else:
-        m = ctx.tracking.create(org_id, source, target, run_id)
+        try:
+            m = ctx.tracking.create(org_id, source, target, run_id)
+        except psycopg.errors.UniqueViolation:  # another run created one at the same instant
+            active = ctx.tracking.active_for_org(org_id)
+            if active is None:
+                raise
+            raise _driven_elsewhere(org_id, active) from None
         ctx.tracking.event(m["id"], "info", f"created by run {run_id}")
         ctx.log(f"created migration #{m['id']}: organization {org_id} {source} -> {target}")
     opts = dict(m.get("options") or {})
@@ -294,6 +317,25 @@ def make_plan(ctx: MoveContext, mid: int) -> list[str]:
         ctx.log(f"plan: {len(plan.of('org'))} org tables ({rows:,} rows), {len(plan.of('shared'))} shared, "
                 f"{len(plan.of('skip'))} never copied")
     return sorted(t.table for t in plan.of("org"))
+
+
+def copy_groups(ctx: MoveContext, mid: int, max_groups: int = 4, group_bytes: int = 32 << 20) -> list[list[str]]:
+    """The org tables to pre-copy, in groups of about equal size (the plan's estimated bytes, the largest
+    table first into the lightest group): one group per ``group_bytes`` up to ``max_groups``. Each group
+    is one task of the DAG, so a small org is one task start, not one per table, and a big one a few
+    tasks side by side (each copies its tables with two workers)."""
+    import heapq
+
+    plan = load_plan(ctx, mid)
+    tables = sorted(plan.of("org"), key=lambda t: (-(t.est_bytes or 0), t.table))
+    total = sum(t.est_bytes or 0 for t in tables)
+    n = max(1, min(max_groups, len(tables), -(-total // max(1, group_bytes))))
+    heap = [(0, i, []) for i in range(n)]
+    for t in tables:
+        size, i, names = heapq.heappop(heap)
+        names.append(t.table)
+        heapq.heappush(heap, (size + (t.est_bytes or 0), i, names))
+    return [sorted(names) for _, _, names in sorted(heap, key=lambda g: g[1]) if names]
 
 
 # ------------------------------------------------------------------------------------------ dry run
@@ -1220,6 +1262,53 @@ def catch_up(ctx: MoveContext, mid: int, max_passes: int = 5, settle_seconds: fl
     return {"passes": passes}
 
 
+def readiness(ctx: MoveContext, mid: int, caught_up: dict) -> tuple[str, Path]:
+    """What a person approves, while the org is still writable, after the catch-up: the rows and tables
+    copied, the storage items synced and verified, the validation baseline (every chunk checksummed on
+    both cells), the expected write pause, and the path of this text as a report. The window that follows
+    syncs, validates again and switches without waiting for anyone; if its validation differs from this,
+    nothing is switched and maintenance is lifted."""
+    m, plan = ctx.tracking.get(mid), load_plan(ctx, mid)
+    tables = [t for t in ctx.tracking.tables(mid) if t["strategy"] == "org"]
+    chunks = differ = settled = 0
+    for t in tables:
+        base = t.get("baseline") or {}
+        keys = set(base.get("src") or {}) | set(base.get("dst") or {})
+        chunks += len(keys)
+        differ += sum(1 for k in keys if (base.get("src") or {}).get(k) != (base.get("dst") or {}).get(k))
+        settled += sum(len(v) for v in (base.get("settled") or {}).values())
+    _, _, storage = replication_state(ctx, mid)
+    passes = caught_up.get("passes") or []
+    last = passes[-1]["seconds"] if passes else None
+    lines = [f"Move organization {m['organization_id']} from {m['source_cell']} to {m['target_cell']} "
+             f"(migration #{mid}, run {m['dag_run_id']})",
+             "",
+             f"Rows copied:      {sum(t['rows_copied'] or 0 for t in tables):,} in {len(tables)} tables "
+             f"(plan: {sum(tp.est_rows for tp in plan.of('org')):,} rows; {len(plan.of('shared'))} shared tables)",
+             "Storage items:    " + (", ".join(f"{k} {v['verified']:,}/{v['total']:,} verified" for k, v in sorted(storage.items()))
+                                     or "none")]
+    if chunks:
+        lines.append(f"Validation:       baseline of {chunks:,} chunks checksummed on both cells: "
+                     + ("all match" if not differ else f"{differ:,} differ ({settled:,} rows written since, "
+                                                         f"compared by key in the window)"))
+    else:
+        lines.append("Validation:       no baseline (no change capture): the window checksums every chunk")
+    if last is not None:
+        lines.append(f"Catch-up:         {len(passes)} passes, the last {passes[-1]['rows']:,} rows in {last:.2f}s")
+    pause = "about 1 s" if last is None or last < 0.5 else f"about {last + 0.5:.1f} s"
+    lines += [f"Expected write pause: {pause} (maintenance on, the last writes synced, validated, route switched)",
+              "",
+              "Approve: writes are blocked only then, and the route is switched if the window's validation",
+              "passes; if it differs, nothing is switched and maintenance is lifted. Reject: nothing is blocked,",
+              "the organization stays on the source (a later run resumes or rollback removes the copy)."]
+    path = ctx.reports_dir / f"migration-{mid}-approval.txt"
+    lines.insert(1, f"Report: {path}")
+    text = "\n".join(lines) + "\n"
+    ctx.reports_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text, path
+
+
 def _open_target_capture(ctx: MoveContext, mid: int) -> None:
     """A slot on the target too, before the baseline: whatever writes the org's tables there after it
     (the window's sync, or anyone else) marks those chunks for re-checking."""
@@ -1577,6 +1666,34 @@ def _last_catch_up(ctx: MoveContext, m: dict, settle: float = 0.25, max_passes: 
     return passes
 
 
+def _window_steps(ctx: MoveContext, mid: int, m: dict, full: bool | None, foreign_keys, took: dict) -> Path:
+    """The window's work while writes are blocked, before the switch: the rows and the storage synced at
+    once, the foreign keys of what the sync touched checked while the rows are validated, go/no-go.
+    Returns the report's path; raises when anything differs or is not synced."""
+    checks: list[Callable[[], bool]] = []
+    t = time.monotonic()
+    with ThreadPoolExecutor(1) as ex:  # rows and storage are independent: both at once
+        storage = ex.submit(replicate_final, ctx, mid)
+        # sync_all writes none of the migration's fields the later steps read
+        sync_all(ctx, mid, later=checks, m=m, foreign_keys=foreign_keys)
+        took["sync"] = time.monotonic() - t
+        t = time.monotonic()
+        with ThreadPoolExecutor(1) as fk:  # checks read the target only, so they run while it is validated
+            pending = [fk.submit(c) for c in checks]
+            validate_all(ctx, mid, full=full, m=m)
+            synced_shared = any([f.result() for f in pending])
+        if synced_shared:  # the checks wrote shared rows the validation may have read half-written: again
+            validate_all(ctx, mid, full=full, again=True, m=m)
+        took["validate"] = time.monotonic() - t
+        t = time.monotonic()
+        storage_status = storage.result()  # all synced and verified (it raises otherwise)
+        took["storage_wait"] = time.monotonic() - t
+    t = time.monotonic()
+    report_path = go_no_go(ctx, mid, replication=storage_status, m=m)
+    took["go_no_go"] = time.monotonic() - t
+    return report_path
+
+
 def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | None = None,
                  before_block: Callable[[], None] | None = None, max_lag: float | None = None,
                  writers_timeout: float | None = None) -> dict:
@@ -1586,8 +1703,10 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
     instant before the block, all of it for the window to sync); maintenance on; the rows and the storage
     synced at once; the foreign keys of what the sync touched checked while the rows are validated;
     go/no-go; and with ``switch`` the route switched, which lifts maintenance. Each step records its
-    progress, so a retry resumes; a failure leaves the org in maintenance on the source (:func:`release`,
-    the DAG's teardown, lifts it). ``max_lag`` and ``writers_timeout`` (seconds) set the migration's
+    progress, so a retry resumes. Whatever fails once maintenance is on, the window lifts it before it
+    raises, the route left on the source (:func:`lift_maintenance`, retried while the Topology Service does
+    not answer); only a process killed inside it leaves maintenance on, for its retry to resume or the run's
+    ``release`` task to lift. ``max_lag`` and ``writers_timeout`` (seconds) set the migration's
     ``max_lag_seconds`` and ``writers_timeout`` (kept for retries). Returns the validation report's path,
     whether the route was switched, and the seconds of each part and of the whole window (the part before
     writes are blocked apart)."""
@@ -1612,33 +1731,26 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
     with _no_pauses():  # no garbage collection (tens of ms with a plan and baselines in memory) until after it
         t0 = time.monotonic()
         took: dict[str, float] = {}
-        m = maintenance_on(ctx, mid, m)
-        took["maintenance_on"] = time.monotonic() - t0
-        checks: list[Callable[[], bool]] = []
-        t = time.monotonic()
-        with ThreadPoolExecutor(1) as ex:  # rows and storage are independent: both at once
-            storage = ex.submit(replicate_final, ctx, mid)
-            # sync_all writes none of the migration's fields the later steps read
-            sync_all(ctx, mid, later=checks, m=m, foreign_keys=foreign_keys)
-            took["sync"] = time.monotonic() - t
-            t = time.monotonic()
-            with ThreadPoolExecutor(1) as fk:  # checks read the target only, so they run while it is validated
-                pending = [fk.submit(c) for c in checks]
-                validate_all(ctx, mid, full=full, m=m)
-                synced_shared = any([f.result() for f in pending])
-            if synced_shared:  # the checks wrote shared rows the validation may have read half-written: again
-                validate_all(ctx, mid, full=full, again=True, m=m)
-            took["validate"] = time.monotonic() - t
-            t = time.monotonic()
-            storage_status = storage.result()  # all synced and verified (it raises otherwise)
-            took["storage_wait"] = time.monotonic() - t
-        t = time.monotonic()
-        report_path = go_no_go(ctx, mid, replication=storage_status, m=m)
-        took["go_no_go"] = time.monotonic() - t
-        if switch:
-            t = time.monotonic()
-            switchover(ctx, mid)
-            took["switch"] = time.monotonic() - t
+        try:
+            m = maintenance_on(ctx, mid, m)
+            took["maintenance_on"] = time.monotonic() - t0
+            report_path = _window_steps(ctx, mid, m, full, foreign_keys, took)
+            if switch:
+                t = time.monotonic()
+                switchover(ctx, mid)
+                took["switch"] = time.monotonic() - t
+        except BaseException as e:  # whatever it is (a difference, a cell gone, the task killed): writes open again
+            why = f"write window failed: {type(e).__name__}: {e}"
+            try:
+                done = lift_maintenance(ctx, mid, why)
+            except BaseException as lift_error:  # the release task tries again; say both
+                ctx.log(f"ERROR: could not lift maintenance after the failed window ({lift_error}); the run's "
+                        f"release task retries it")
+                raise e from lift_error
+            if done == "completed":  # the switch went through and only its answer was lost
+                return {"report": (ctx.tracking.get(mid).get("validation") or {}).get("report"), "switched": True,
+                        "seconds": {}}
+            raise
     took["total"] = time.monotonic() - t0
     ctx.log("write window: " + ", ".join(f"{k} {v:.3f}s" for k, v in took.items())
             + ("" if switch else " (route not switched: waiting for approval)")
@@ -1648,32 +1760,68 @@ def write_window(ctx: MoveContext, mid: int, switch: bool = True, full: bool | N
             "last_pass": passes, "rows_synced_in_window": _rows_synced(ctx, mid)}
 
 
-def release(ctx: MoveContext, mid: int | None) -> str:
-    """After the run, whatever happened: an unfinished migration lifts its maintenance; the route stays."""
-    if mid is None:
-        return "no migration"
-    m = ctx.tracking.get(mid)
-    if m["state"] in ("completed", "rolled_back"):
-        _close_capture(ctx, m)  # in case the switch could not drop it
-        return m["state"]
-    org = m["organization_id"]
+def _lift_once(ctx: MoveContext, m: dict, why: str) -> str:
+    org, mid = m["organization_id"], m["id"]
     route = ctx.topology.route(org)
+    if route["cell"] == m["target_cell"] and m["state"] in ("validated", "switching") and not route["maintenance"]:
+        switchover(ctx, mid)  # the switch went through and only its answer was lost: record it
+        return "completed"
     if route["maintenance"] and route.get("maintenance_owner") == ctx.owner(mid):
         if route["cell"] != m["source_cell"]:
             raise StateError(f"organization {org} is routed to {route['cell']} while migration #{mid} is {m['state']}")
         ctx.topology.update_route(org, route["version"], maintenance=False, reason=f"migration #{mid} did not complete")
-        ctx.log(f"organization {org}: maintenance lifted, route stays on {m['source_cell']}")
+        ctx.tracking.event(mid, "warning", f"maintenance lifted, route stays on {m['source_cell']}: {why}")
+        ctx.log(f"organization {org}: maintenance lifted, route stays on {m['source_cell']} ({why})")
     ctx.blocked.pop(mid, None)
+    if m["state"] not in ("failed", "created", "planned", "copying", "copied"):  # the window's states
+        ctx.tracking.transition(mid, "failed", ("quiesced", "validating", "validated", "switching"),
+                                maintenance_ended_at=datetime.now(timezone.utc), error=why)
+    return "lifted"
+
+
+def lift_maintenance(ctx: MoveContext, mid: int, why: str, patience: float = 30.0) -> str:
+    """Writes open again after a window that did not complete: this migration's maintenance lifted, the
+    route left on the source (``why`` recorded as the migration's error). While the Topology Service or the
+    state database does not answer, tried again with backoff for up to ``patience`` seconds. Returns
+    "lifted", or "completed" when the route turns out switched already (a switch whose answer was lost)."""
+    deadline, delay = time.monotonic() + patience, 0.5
+    while True:
+        try:
+            return _lift_once(ctx, ctx.tracking.get(mid), why)
+        except Exception as e:
+            if not (is_transient(e) or isinstance(e, VersionConflict)) or time.monotonic() + delay > deadline:
+                raise
+            ctx.log(f"lifting the maintenance of migration #{mid} failed ({e}); trying again in {delay:.1f}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def release(ctx: MoveContext, mid: int | None) -> str:
+    """After the run, whatever happened: an unfinished migration lifts its maintenance (the route stays on
+    the source), is marked failed, for a later run to resume or a rollback, and drops its capture slots."""
+    if mid is None:
+        return "no migration"
+    m = ctx.tracking.get(mid)
+    if m["state"] not in ("completed", "rolled_back"):
+        if lift_maintenance(ctx, mid, m["error"] or "the run did not complete") == "completed":
+            m = ctx.tracking.get(mid)
+    if m["state"] in ("completed", "rolled_back"):
+        _close_capture(ctx, m)  # in case the switch could not drop it
+        return m["state"]
     with ctx.tracking.conn() as c:
         c.execute("UPDATE orgmover.phases SET state = 'failed', finished_at = now() WHERE migration_id = %s "
                   "AND state = 'running'", (mid,))
+    m = ctx.tracking.get(mid)
     if m["state"] != "failed":
-        ctx.tracking.transition(mid, "failed", tuple(s for s in ("created", "planned", "quiesced", "copying", "copied", "validating",
-                                                                  "validated", "switching")),
-                                maintenance_ended_at=datetime.now(timezone.utc),
+        ctx.tracking.transition(mid, "failed", ("created", "planned", "copying", "copied"),
                                 error=m["error"] or "the run did not complete")
-    _close_capture(ctx, m)
-    ctx.tracking.event(mid, "warning", "released: maintenance off, route unchanged, target rows kept for resume or rollback")
+    if m["maintenance_window"]:  # a window synced from the slots: a resume validates in full
+        _close_capture(ctx, m)
+        kept = ""
+    else:  # failed before any window: the slots serve the resume (a rollback drops them)
+        kept = ", capture slots kept for a resume (they retain WAL: resume or roll back)"
+    ctx.tracking.event(mid, "warning", f"released: maintenance off, route unchanged, target rows kept for resume or "
+                                       f"rollback{kept}")
     return "failed"
 
 
@@ -1683,8 +1831,9 @@ def rollback(ctx: MoveContext, mid: int) -> dict[str, int]:
     if m["state"] == "completed":
         raise StateError(f"migration #{mid} already switched the route to {m['target_cell']}: writes since went there. "
                          f"Move it back with a move in the other direction (orgmover move {m['organization_id']} "
-                         f"{m['target_cell']} {m['source_cell']}, or the org_move DAG with source={m['target_cell']}, "
-                         f"target={m['source_cell']}): it replaces the copy left on {m['source_cell']} with the rows as "
+                         f"--from {m['target_cell']} --to {m['source_cell']}, or the org_move DAG with conf "
+                         f"{{\"organization_id\": {m['organization_id']}, \"source_cell\": \"{m['target_cell']}\", "
+                         f"\"target_cell\": \"{m['source_cell']}\"}}): it replaces the copy left on {m['source_cell']} with the rows as "
                          f"they are now, with the same short write pause")
     if m["state"] == "rolled_back":
         return {}
@@ -1692,6 +1841,7 @@ def rollback(ctx: MoveContext, mid: int) -> dict[str, int]:
     if route["cell"] != m["source_cell"]:
         raise StateError(f"organization {m['organization_id']} is routed to {route['cell']}; refusing to delete target rows")
     release(ctx, mid)
+    _close_capture(ctx, m)  # release keeps them after a failure before any window; nothing resumes now
     counts: dict[str, int] = {}
     if m["plan"]:
         plan = Plan.from_dict(m["plan"])

@@ -208,6 +208,14 @@ class Tracking:
                 "INSERT INTO orgmover.migrations (organization_id, source_cell, target_cell, dag_run_id) "
                 "VALUES (%s, %s, %s, %s) RETURNING *", (org_id, source, target, run_id)).fetchone()
 
+    def adopt(self, mid: int, from_run: str | None, run_id: str | None) -> dict | None:
+        """The migration handed from run ``from_run`` to run ``run_id`` in one compare-and-set; None when
+        another run took it meanwhile."""
+        with self.conn(single=True) as c:
+            return c.execute(f"UPDATE orgmover.migrations SET dag_run_id = %s, error = NULL, updated_at = now() "
+                             f"WHERE id = %s AND dag_run_id IS NOT DISTINCT FROM %s RETURNING {self._columns_but_plan(c)}",
+                             (run_id, mid, from_run)).fetchone()
+
     def update(self, mid: int, **fields: Any) -> dict:
         """Set these fields; returns the row without its plan (as :meth:`get`)."""
         if not fields:

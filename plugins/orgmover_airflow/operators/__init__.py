@@ -1,8 +1,8 @@
-from orgmover_airflow.operators.move import (CatchUpOperator, CleanupSourceOperator, CopyTableOperator, OrgMoveBaseOperator,
-                                             PlanOperator, PrecopyDoneOperator, PreflightOperator, PrepareTargetOperator,
-                                             ReleaseOperator, ReplicateOperator, RollbackOperator, SummaryOperator,
-                                             SwitchoverOperator, WriteWindowOperator)
+from orgmover_airflow.operators.move import (CatchUpOperator, CleanupSourceOperator, CopyTablesOperator,
+                                             OrgMoveBaseOperator, PlanOperator, PrecopyDoneOperator, PreflightOperator,
+                                             PrepareTargetOperator, ReleaseOperator, ReplicateOperator, RollbackOperator,
+                                             SummaryOperator, WriteWindowOperator)
 
-__all__ = ["CatchUpOperator", "CleanupSourceOperator", "CopyTableOperator", "OrgMoveBaseOperator", "PlanOperator",
-           "PrecopyDoneOperator", "PreflightOperator", "PrepareTargetOperator", "ReleaseOperator", "ReplicateOperator",
-           "RollbackOperator", "SummaryOperator", "SwitchoverOperator", "WriteWindowOperator"]
+__all__ = ["CatchUpOperator", "CleanupSourceOperator", "CopyTablesOperator", "OrgMoveBaseOperator",
+           "PlanOperator", "PrecopyDoneOperator", "PreflightOperator", "PrepareTargetOperator", "ReleaseOperator",
+           "ReplicateOperator", "RollbackOperator", "SummaryOperator", "WriteWindowOperator"]

@@ -4,6 +4,7 @@ Topology Service, mover state) and calls one phase of :mod:`orgmover.mover`. XCo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,11 +13,8 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from orgmover import gitlab, mover
-from orgmover.errors import ConfigError, PreflightError, StateError, ValidationFailed
+from orgmover.errors import ConfigError, OrgMoverError, PreflightError, StateError, is_transient
 from orgmover_airflow.hooks import CellHook, MoverStateHook, TopologyHook
-
-# errors that a retry cannot fix: fail at once instead of retrying
-_FINAL = (PreflightError, ConfigError, ValidationFailed, StateError)
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -29,6 +27,21 @@ def _flag(value: Any, name: str) -> bool:
     if text in ("false", "0", "no", "", "none"):
         return False
     raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
+@contextlib.contextmanager
+def classified_errors(log):
+    """Errors classified once (:func:`orgmover.errors.is_transient`): a transient one takes the task's
+    retries, with their backoff; any other orgmover error fails the task at once (a retry cannot fix it)."""
+    try:
+        yield
+    except Exception as e:
+        if is_transient(e):
+            log.warning("transient failure, the task's retries take it: %s", e)
+            raise
+        if isinstance(e, OrgMoverError):
+            raise AirflowFailException(str(e)) from e
+        raise
 
 
 class OrgMoveBaseOperator(BaseOperator):
@@ -64,30 +77,35 @@ class OrgMoveBaseOperator(BaseOperator):
     def run_phase(self, context: Any):
         raise NotImplementedError
 
+    # whether the task works for the run that drives the migration (every task of org_move but preflight);
+    # the after-move DAGs (cleanup, rollback) act on a migration whatever run drove it
+    driven_by_run = True
+
+    def _fence(self, context: Any, ctx: mover.MoveContext | None = None) -> None:
+        """One run drives a migration: a task of another run (one cleared after a newer run adopted the
+        migration) stops before it changes anything."""
+        if not self.driven_by_run or self.mid is None or "run_id" not in context:
+            return
+        m = (ctx or self.move_context()).tracking.get(self.mid)
+        if m["dag_run_id"] not in (None, context["run_id"]):
+            raise StateError(f"migration #{self.mid} is driven by run {m['dag_run_id']!r}, not this run "
+                             f"({context['run_id']!r}): this task changes nothing")
+
     def execute(self, context: Any):
-        try:
+        with classified_errors(self.log):
+            self._fence(context)
             return self.run_phase(context)
-        except _FINAL as e:
-            raise AirflowFailException(str(e)) from e
-
-
-class _TableOperator(OrgMoveBaseOperator):
-    """A phase over one table (mapped over the plan's tables; the UI names each by its table)."""
-
-    template_fields = ("migration_id", "table")
-    ui_color = "#e6f4ea"
-
-    def __init__(self, *, table: str, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.table = table
 
 
 class PreflightOperator(OrgMoveBaseOperator):
-    """Checks everything, changes nothing. A real move creates (or resumes) a migration and returns
-    its id; a dry run writes the readable report and returns None (failing if the move would be refused)."""
+    """Checks everything, changes nothing. A real move creates (or adopts an unfinished) migration and
+    returns its id; a dry run writes the readable report and returns None (failing if the move would be
+    refused). A run's conf with a key the DAG does not know is refused before anything runs; so is a run
+    for an organization whose migration another run, still running, drives."""
 
     template_fields = ("organization_id", "source_cell", "target_cell", "dry_run", "shard_map")
     ui_color = "#fff4e5"
+    driven_by_run = False  # it decides which run drives the migration
 
     def __init__(self, *, organization_id: Any, source_cell: str, target_cell: str, dry_run: Any = False,
                  shard_map: Any = None, **kwargs: Any):
@@ -95,7 +113,31 @@ class PreflightOperator(OrgMoveBaseOperator):
         self.organization_id, self.source_cell, self.target_cell, self.dry_run = organization_id, source_cell, target_cell, dry_run
         self.shard_map = shard_map
 
+    def _check_conf(self, context: Any) -> None:
+        dag_run = context.get("dag_run")
+        known = set(self.dag.params) if self.has_dag() else set()
+        unknown = sorted(set(getattr(dag_run, "conf", None) or {}) - known) if known else []
+        if unknown:
+            raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} in the run's conf: "
+                              f"{', '.join(map(repr, unknown))}; {self.dag_id} knows {', '.join(sorted(known))}. "
+                              f"Nothing was checked or changed")
+
+    @staticmethod
+    def _run_alive(context: Any):
+        ti, dag_id = context["ti"], context["dag"].dag_id if context.get("dag") else None
+        getter = getattr(ti, "get_dagrun_state", None)
+        if getter is None or dag_id is None:
+            return None
+
+        def alive(run_id: str) -> bool:
+            try:
+                return getter(dag_id, run_id) in ("queued", "running")
+            except Exception:  # the run was deleted: it drives nothing
+                return False
+        return alive
+
     def run_phase(self, context: Any):
+        self._check_conf(context)
         org = int(self.organization_id)
         dry = _flag(self.dry_run, "dry_run")
         maps = {"shards": dict(self.shard_map)} if self.shard_map else None
@@ -107,14 +149,17 @@ class PreflightOperator(OrgMoveBaseOperator):
                 raise PreflightError(problems + [f"dry-run report: {path}"])
             return None
         run_id = context["run_id"] if "run_id" in context else None
-        return mover.preflight(ctx, org, self.source_cell, self.target_cell, run_id, maps)
+        return mover.preflight(ctx, org, self.source_cell, self.target_cell, run_id, maps, run_alive=self._run_alive(context))
 
 
 class PlanOperator(OrgMoveBaseOperator):
-    """Plans every table; returns the org tables to copy (the copy phase maps over them)."""
+    """Plans every table; returns the org tables to copy in a few groups sized by the plan's bytes
+    (:func:`orgmover.mover.copy_groups`): the copy phase maps over the groups."""
 
     def run_phase(self, context: Any):
-        return mover.make_plan(self.move_context(), self.mid)
+        ctx = self.move_context()
+        mover.make_plan(ctx, self.mid)
+        return mover.copy_groups(ctx, self.mid)
 
 
 class PrepareTargetOperator(OrgMoveBaseOperator):
@@ -124,11 +169,20 @@ class PrepareTargetOperator(OrgMoveBaseOperator):
         mover.prepare_target(self.move_context(), self.mid)
 
 
-class CopyTableOperator(_TableOperator):
-    """Pre-copies one table's org rows chunk by chunk (resumable)."""
+class CopyTablesOperator(OrgMoveBaseOperator):
+    """Pre-copies a group of tables (mapped over the plan's groups), two at a time, each chunk by chunk
+    (resumable: a retry copies only the chunks not recorded as copied). Returns rows and bytes copied."""
+
+    template_fields = ("migration_id", "tables")
+    ui_color = "#e6f4ea"
+
+    def __init__(self, *, tables: list[str], workers: int = 2, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.tables, self.workers = tables, workers
 
     def run_phase(self, context: Any):
-        return mover.copy_table(self.move_context(), self.mid, self.table)
+        done = mover.copy_tables(self.move_context(), self.mid, list(self.tables), workers=self.workers)
+        return {"tables": len(done), "rows": sum(d.get("rows", 0) for d in done if isinstance(d, dict))}
 
 
 class PrecopyDoneOperator(OrgMoveBaseOperator):
@@ -150,15 +204,20 @@ class CatchUpOperator(OrgMoveBaseOperator):
         self.max_passes, self.settle_seconds = max_passes, settle_seconds
 
     def run_phase(self, context: Any):
-        return mover.catch_up(self.move_context(), self.mid, self.max_passes, self.settle_seconds)
+        """Also pushes (XCom ``approval``) the readable text a person approves before writes are blocked."""
+        ctx = self.move_context()
+        done = mover.catch_up(ctx, self.mid, self.max_passes, self.settle_seconds)
+        text, _ = mover.readiness(ctx, self.mid, done)
+        context["ti"].xcom_push(key="approval", value=text)
+        return {"passes": len(done["passes"]), "rows": sum(p["rows"] for p in done["passes"])}
 
 
 class WriteWindowOperator(OrgMoveBaseOperator):
     """The write window in one task (between tasks, writes would stay blocked while the scheduler
     starts the next): maintenance on, rows and storage synced at once, foreign keys checked while the
-    rows are validated, go/no-go (the readable report), then the route switched unless ``switch`` is
-    false (a person approves first). Setup of the maintenance window: the ``release`` teardown lifts
-    maintenance if it fails. A retry resumes: each step records its progress."""
+    rows are validated, go/no-go (the readable report), then the route switched (unless ``switch`` is
+    false: the CLI's step-by-step move). Whatever fails once maintenance is on, the window lifts it
+    before the task ends; a retry runs a new window (a killed one's retry resumes in its maintenance)."""
 
     ui_color = "#fde2e1"
     template_fields = ("migration_id", "switch", "full", "max_lag", "writers_timeout")
@@ -173,16 +232,6 @@ class WriteWindowOperator(OrgMoveBaseOperator):
         return mover.write_window(self.move_context(), self.mid, switch=_flag(self.switch, "switch"),
                                   full=_flag(self.full, "full") or None, max_lag=seconds(self.max_lag),
                                   writers_timeout=seconds(self.writers_timeout))
-
-
-class SwitchoverOperator(OrgMoveBaseOperator):
-    """Routes the org to the target and lifts maintenance in one compare-and-set."""
-
-    ui_color = "#d2e3fc"
-
-    def run_phase(self, context: Any):
-        route = mover.switchover(self.move_context(), self.mid)
-        return {"cell": route["cell"], "version": route["version"]}
 
 
 class SummaryOperator(OrgMoveBaseOperator):
@@ -204,6 +253,8 @@ class ReleaseOperator(OrgMoveBaseOperator):
 class RollbackOperator(OrgMoveBaseOperator):
     """Removes an unfinished migration's rows from the target (the org stays on the source)."""
 
+    driven_by_run = False
+
     def run_phase(self, context: Any):
         counts = mover.rollback(self.move_context(), self.mid)
         return sum(counts.values())
@@ -214,6 +265,7 @@ class CleanupSourceOperator(OrgMoveBaseOperator):
     passed and the retention period is over; refuses otherwise."""
 
     template_fields = ("migration_id", "retention_hours")
+    driven_by_run = False
 
     def __init__(self, *, retention_hours: Any = 168, **kwargs: Any):
         super().__init__(**kwargs)

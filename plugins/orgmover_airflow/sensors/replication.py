@@ -25,7 +25,7 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from orgmover import mover
-from orgmover_airflow.operators.move import _FINAL, OrgMoveBaseOperator
+from orgmover_airflow.operators.move import OrgMoveBaseOperator, classified_errors
 from orgmover_airflow.triggers.replication import STUCK_SQL, ReplicationTrigger, format_stuck
 
 # how long past the deadline Airflow itself gives up on the deferral if the triggerer never answers
@@ -80,10 +80,9 @@ class ReplicationSensor(OrgMoveBaseOperator, BaseSensorOperator):
     def execute(self, context: Any):
         if not self.deferrable:
             return BaseSensorOperator.execute(self, context)
-        try:
+        with classified_errors(self.log):
+            self._fence(context)
             return self._pass_then_defer(context)
-        except _FINAL as e:
-            raise AirflowFailException(str(e)) from e
 
     def _pass_then_defer(self, context: Any):
         summary, started, waited = self._pass(context)
@@ -98,7 +97,7 @@ class ReplicationSensor(OrgMoveBaseOperator, BaseSensorOperator):
     def execute_complete(self, context: Any, event: dict | None = None):
         event = event or {}
         status = event.get("status")
-        try:
+        with classified_errors(self.log):
             if status == "complete":
                 for kind, s in (event.get("kinds") or {}).items():
                     self.log.info("%s: %s/%s synced, %s/%s verified", kind, s["synced"], s["total"], s["verified"], s["total"])
@@ -108,16 +107,12 @@ class ReplicationSensor(OrgMoveBaseOperator, BaseSensorOperator):
                 return self._pass_then_defer(context)
             if status == "timeout":
                 self._timed_out(self.move_context(), event.get("report") or "(no report)")
-        except _FINAL as e:
-            raise AirflowFailException(str(e)) from e
         raise AirflowException(f"unexpected event from the replication trigger: {event!r}")
 
     # ------------------------------------------------------------------ reschedule mode
     def poke(self, context: Any) -> bool | PokeReturnValue:
-        try:
+        with classified_errors(self.log):
             summary, _, _ = self._pass(context)
-        except _FINAL as e:
-            raise AirflowFailException(str(e)) from e
         return PokeReturnValue(True, summary) if summary is not None else False
 
 
