@@ -40,7 +40,10 @@ TEST_ORGS = [("alpha", 700), ("beta", 4000), ("gamma", 2500), ("delta", 1500), (
              ("omega", 700),  # omega: tests/test_replication_dag.py (the sensor's timeout)
              ("aleph", 700), ("beth", 700),
              ("gimel", 700), ("dalet", 700),  # gimel, dalet: writers still running when maintenance goes on
-             ("he", 700)]
+             ("he", 700),
+             # tests/test_real_airflow_safety.py: one each, moved by Airflow's own scheduler
+             ("kaf", 1500), ("lamed", 900), ("mem", 900), ("nun", 900), ("samekh", 900), ("ayin", 900),
+             ("pe", 900), ("tsadi", 3000), ("qof", 700)]
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -104,3 +107,15 @@ def org_move_dag(airflow_db, devenv):
 @pytest.fixture()
 def ctx(devenv, tmp_root):
     return devenv.context(reports_dir=tmp_root / "reports", log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def airflow_deployment(devenv, seeded, tmp_root):
+    """Airflow's own components (api-server, scheduler, dag-processor, triggerer) against the local
+    cells, driven through the REST API: tests/airflow_deployment.py."""
+    from airflow_deployment import AirflowDeployment
+
+    deployment = AirflowDeployment(devenv, tmp_root / "airflow-deployment")
+    deployment.start()
+    yield deployment
+    deployment.stop()
