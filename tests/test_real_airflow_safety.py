@@ -48,7 +48,9 @@ def _wait(predicate, timeout: float, what: str, every: float = 0.2):
 
 class HeldWriter:
     """A transaction on the source that wrote one of the org's rows and stays open (as a slow request of
-    the application would) until rolled back: the window waits for it with writes blocked."""
+    the application would) until rolled back: the window waits for it with writes blocked. Started while
+    the run waits for its approval (after the pre-copy: creating the capture slot waits for running
+    transactions, as PostgreSQL's logical slots do)."""
 
     def __init__(self, devenv, org):
         self.conn = psycopg.connect(devenv.resolve_cell("legacy").dsn)
@@ -59,6 +61,16 @@ class HeldWriter:
         if not self.conn.closed:
             self.conn.rollback()
             self.conn.close()
+
+
+def _start_with_a_held_writer(af, devenv, org, **conf) -> tuple[str, HeldWriter]:
+    """A run that waits for approval, a writer held open on the source, then the approval: the window
+    opens with the writer still running."""
+    run_id = af.trigger(DAG, _conf(org, require_approval=True, **conf))
+    _wait(lambda: af.pending_approvals(DAG, run_id), 240, "the approval to be asked")
+    writer = HeldWriter(devenv, org)
+    af.answer(DAG, run_id, "approval.approve", ["Approve"])
+    return run_id, writer
 
 
 def _blocked(devenv, org):
@@ -137,9 +149,8 @@ def test_writers_still_running_lift_maintenance_and_the_retry_moves_the_org(airf
     the writer is gone, the task's own retry moves the org. No clear, no person."""
     af, org = airflow_deployment, seeded["mem"]
     before = (_snap(devenv, "legacy"), _snap(devenv, "cell-1"))
-    writer = HeldWriter(devenv, org)
+    run_id, writer = _start_with_a_held_writer(af, devenv, org, writers_timeout_seconds=3)
     try:
-        run_id = af.trigger(DAG, _conf(org, writers_timeout_seconds=3))
         _wait(lambda: _blocked(devenv, org), 240, "maintenance on")
         t0 = time.monotonic()
         _wait(lambda: not _blocked(devenv, org), 20, "maintenance lifted after the writers' timeout", every=0.05)
@@ -165,9 +176,8 @@ def test_target_unreachable_inside_the_window_lifts_maintenance(airflow_deployme
     af, org = airflow_deployment, seeded["nun"]
     before = (_snap(devenv, "legacy"), _snap(devenv, "cell-1"))
     target = devenv.cluster("cell-1", next(c["port"] for c in devenv.load()["cells"] if c["name"] == "cell-1"))
-    writer = HeldWriter(devenv, org)
+    run_id, writer = _start_with_a_held_writer(af, devenv, org, writers_timeout_seconds=15)
     try:
-        run_id = af.trigger(DAG, _conf(org, writers_timeout_seconds=15))
         _wait(lambda: _blocked(devenv, org), 240, "maintenance on")
         target.stop()
         writer.rollback()
@@ -197,9 +207,8 @@ def test_topology_service_unreachable_for_a_while(airflow_deployment, devenv, se
     af, org = airflow_deployment, seeded["samekh"]
     before = (_snap(devenv, "legacy"), _snap(devenv, "cell-1"))
     state = devenv.load()
-    writer = HeldWriter(devenv, org)
+    run_id, writer = _start_with_a_held_writer(af, devenv, org, writers_timeout_seconds=15)
     try:
-        run_id = af.trigger(DAG, _conf(org, writers_timeout_seconds=15))
         _wait(lambda: _blocked(devenv, org), 240, "maintenance on")
         os.killpg(devenv.load()["topology"]["pid"], signal.SIGTERM)
         _wait(lambda: not devenv._topology_healthy(state), 10, "the Topology Service to stop")
@@ -222,10 +231,9 @@ def test_window_task_killed_with_sigkill(airflow_deployment, devenv, seeded, ctx
     window's own timeouts plus one retry delay (and a task start), and the move completes."""
     af, org = airflow_deployment, seeded["ayin"]
     before = (_snap(devenv, "legacy"), _snap(devenv, "cell-1"))
-    writer = HeldWriter(devenv, org)
     timeout = 6
+    run_id, writer = _start_with_a_held_writer(af, devenv, org, writers_timeout_seconds=timeout)
     try:
-        run_id = af.trigger(DAG, _conf(org, writers_timeout_seconds=timeout))
         _wait(lambda: _blocked(devenv, org), 240, "maintenance on")
         t0 = time.monotonic()
         ti = af.task_instances(DAG, run_id)["window.cutover"]
